@@ -1,0 +1,271 @@
+"""Argument checks and the canonical form every backend receives.
+
+`attention()` and `reference.attention()` accept SDPA's arguments; :func:`canonicalize` checks
+them once and turns them into a :class:`Problem`: 4-D tensors with one flattened batch dimension,
+the causal structure as a single diagonal offset, and the mask kept at its own (broadcast) size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+try:  # SDPA's causal bias objects (torch >= 2.3)
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+except ImportError:  # pragma: no cover - older torch
+    CausalBias = None
+    CausalVariant = None
+
+MAX_HEAD_DIM = 256
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call in canonical form.
+
+    q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev). Query head h reads KV head
+    h // (Hq // Hkv). mask: None or a 4-D bool or float tensor whose every dim is 1 or the full
+    size of (B, Hq, L, S); never expanded in memory. causal_offset: None, or the offset d such
+    that query i sees key j only when j <= i + d (0: top-left, S - L: bottom-right).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    causal_offset: int | None
+    scale: float
+    batch_shape: tuple[int, ...]
+    squeeze_heads: bool  # the caller passed 2-D (L, E) tensors without a head dim
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads_q(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def heads_kv(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def seqlen_q(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def seqlen_k(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def group(self) -> int:
+        return self.heads_q // self.heads_kv
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def restore(self, out: torch.Tensor, lse: torch.Tensor | None):
+        """Reshape backend outputs (B, Hq, L, Ev) and (B, Hq, L) to the caller's batch dims."""
+        if self.squeeze_heads:
+            out, lse = out[0, 0], None if lse is None else lse[0, 0]
+        else:
+            out = out.reshape(*self.batch_shape, *out.shape[1:])
+            if lse is not None:
+                lse = lse.reshape(*self.batch_shape, *lse.shape[1:])
+        return out, lse
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (float64 on CPU backends)"
+        )
+    if t.is_sparse or getattr(t, "is_nested", False):
+        raise TypeError(f"{name} must be a dense strided tensor")
+
+
+def _causal_from_bias(bias, L: int, S: int) -> int:
+    if bias.seq_len_q != L or bias.seq_len_kv != S:
+        raise ValueError(
+            f"attn_mask is a CausalBias for (L={bias.seq_len_q}, S={bias.seq_len_kv}) "
+            f"but query has L={L} and key has S={S}"
+        )
+    if bias.variant == CausalVariant.UPPER_LEFT:
+        return 0
+    if bias.variant == CausalVariant.LOWER_RIGHT:
+        return S - L
+    raise ValueError(f"attn_mask: unknown CausalBias variant {bias.variant}")
+
+
+def _normalize_mask(mask: torch.Tensor, q: torch.Tensor, batch_shape, Hq: int, L: int, S: int):
+    """Return the mask as a 4-D view (Bm, Hm, Lm, Sm), each dim 1 or the full size."""
+    target = (*batch_shape, Hq, L, S)
+    if mask.dim() > len(target):
+        raise ValueError(
+            f"attn_mask has shape {tuple(mask.shape)}, more dims than the scores {target}"
+        )
+    try:
+        if torch.broadcast_shapes(mask.shape, target) != torch.Size(target):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
+            f"(..., Hq, L, S) = {target}"
+        ) from None
+    mask = mask.reshape((1,) * (len(target) - mask.dim()) + tuple(mask.shape)) if mask.dim() < len(target) else mask
+    nb = len(batch_shape)
+    head_shape = tuple(mask.shape[nb:])
+    if all(s == 1 for s in mask.shape[:nb]):
+        return mask.reshape(1, *head_shape)
+    B = math.prod(batch_shape)
+    # Only the batch dims are expanded (a copy only when they cannot be viewed as one).
+    return mask.expand(*batch_shape, *head_shape).reshape(B, *head_shape)
+
+
+def canonicalize(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Problem:
+    """Check SDPA-style arguments and return their :class:`Problem`. Raises TypeError/ValueError."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            f"query, key and value must have the same number of dims, got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            "dropout_p > 0 is not implemented yet in fastattn (planned in a later release); "
+            "pass dropout_p=0.0"
+        )
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+    squeeze_heads = query.dim() == 2
+    if squeeze_heads:
+        query, key, value = query[None], key[None], value[None]
+    batch_shape = tuple(query.shape[:-3])
+    if tuple(key.shape[:-3]) != batch_shape or tuple(value.shape[:-3]) != batch_shape:
+        raise ValueError(
+            f"batch dims differ: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
+            f"value {tuple(value.shape[:-3])}"
+        )
+    Hq, L, E = query.shape[-3:]
+    Hkv, S, Ek = key.shape[-3:]
+    Hv, Sv, Ev = value.shape[-3:]
+    if Ek != E:
+        raise ValueError(f"head dim of query ({E}) and key ({Ek}) must match")
+    if Sv != S:
+        raise ValueError(f"key has S={S} positions but value has {Sv}")
+    if Hv != Hkv:
+        raise ValueError(f"key has {Hkv} heads but value has {Hv}")
+    if E < 1 or Ev < 1:
+        raise ValueError(f"head dims must be at least 1, got E={E}, Ev={Ev}")
+    if E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got E={E}, Ev={Ev}")
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention"
+            )
+        if Hkv == 0 or Hq % Hkv != 0:
+            raise ValueError(f"enable_gqa=True needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+
+    causal_offset = 0 if is_causal else None
+    mask = None
+    if attn_mask is not None:
+        if CausalBias is not None and isinstance(attn_mask, CausalBias):
+            if is_causal:
+                raise ValueError("pass either is_causal=True or a CausalBias attn_mask, not both")
+            causal_offset = _causal_from_bias(attn_mask, L, S)
+        elif isinstance(attn_mask, torch.Tensor):
+            if attn_mask.device != query.device:
+                raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+            if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+                raise TypeError(
+                    f"attn_mask must be bool or have the query's dtype {query.dtype}, got {attn_mask.dtype}"
+                )
+            if squeeze_heads and attn_mask.dim() > 2:
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dims than the (L, S) scores")
+            mask = _normalize_mask(attn_mask, query, batch_shape, Hq, L, S)
+        else:
+            raise TypeError(
+                f"attn_mask must be a torch.Tensor, a torch.nn.attention.bias.CausalBias or None, "
+                f"got {type(attn_mask).__name__}"
+            )
+
+    B = math.prod(batch_shape)
+    q = query.reshape(B, Hq, L, E)
+    k = key.reshape(B, Hkv, S, E)
+    v = value.reshape(B, Hkv, S, Ev)
+    return Problem(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        causal_offset=causal_offset,
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
+        batch_shape=batch_shape,
+        squeeze_heads=squeeze_heads,
+    )
+
+
+def empty_result(p: Problem) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The answer for empty problems (a zero-sized dim or S = 0), or None if there is work to do."""
+    if p.seqlen_k > 0 and p.q.numel() > 0 and p.head_dim_v > 0:
+        return None
+    out = p.q.new_zeros(p.batch, p.heads_q, p.seqlen_q, p.head_dim_v)
+    lse = torch.full((p.batch, p.heads_q, p.seqlen_q), -math.inf, dtype=lse_dtype(p.dtype), device=p.device)
+    return out, lse
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """lse is float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,0 +1,78 @@
+"""The public call: a drop-in for torch.nn.functional.scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import choose_backend
+from .inputs import canonicalize, empty_result
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Exact attention, softmax(Q K^T * scale + mask) V, with SDPA's arguments.
+
+    Shapes (the leading batch dims "..." are any SDPA accepts, including none):
+        query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
+        2-D inputs (L, E), (S, E), (S, Ev) give (L, Ev). E and Ev may differ, each 1..256.
+
+    Arguments (names, order and defaults are SDPA's):
+        attn_mask: None; a bool tensor (True = the key takes part) or a float tensor of the
+            query's dtype (added to the scaled scores), broadcastable to (..., Hq, L, S) and read
+            through its strides (a (B, 1, 1, S) padding mask is never expanded); or SDPA's
+            ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left(L, S)`` /
+            ``causal_lower_right(L, S)``). A tensor mask may be combined with ``is_causal=True``
+            (both apply; SDPA refuses this on some backends).
+        dropout_p: must be 0.0 for now; > 0 raises NotImplementedError (dropout comes later).
+        is_causal: SDPA's top-left alignment: query i sees key j when j <= i. For L=2, S=4::
+
+                top-left (is_causal=True)   bottom-right (causal_lower_right(2, 4))
+                1 0 0 0                     1 1 1 0
+                1 1 0 0                     1 1 1 1
+
+            bottom-right (query i sees j <= i + S - L) is what KV-cache decoding needs.
+        scale: multiplies Q K^T; default 1/sqrt(E).
+        enable_gqa: allow Hq != Hkv when Hq is a multiple of Hkv: query head h reads KV head
+            h // (Hq // Hkv) (SDPA's grouping). K and V are never repeated in memory.
+        return_lse: also return lse (..., Hq, L), float32 (float64 for float64 inputs), the
+            natural-log logsumexp of each row's scaled, masked scores.
+        backend: "auto" (CUDA tensors -> "triton", falling back to "cpu" where Triton cannot
+            serve; CPU tensors -> "cpu"), "triton" (the fused kernel; CPU tensors run it through
+            Triton's interpreter: slow, for tests and debugging), "cpu" (the PyTorch fallback:
+            O(L) extra memory), "reference" (the textbook formula, O(L*S) memory). An explicit
+            backend that cannot serve the call raises BackendUnavailable (a ValueError) listing
+            every reason.
+
+    dtypes: float16, bfloat16, float32 (float64 on the "cpu" and "reference" backends); the
+    output has the input dtype. float32 matmuls on CUDA use TF32 only when
+    ``torch.backends.cuda.matmul.allow_tf32`` is True, as in the rest of PyTorch.
+
+    Rows with nothing to attend to (every key masked out, or S = 0) give output 0 and lse = -inf,
+    never NaN. SDPA's math backend also gives 0 there, but some of its fused backends give NaN
+    (and its CPU kernel reports lse = 0).
+
+    Returns out, or (out, lse) when return_lse=True.
+
+    Raises TypeError / ValueError naming the argument for bad input (ranks, batch dims, head
+    counts, head dims, dtypes, devices, mask shape or dtype, dropout_p).
+    """
+    p = canonicalize(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    chosen = choose_backend(backend, p)
+    result = empty_result(p)
+    if result is None:
+        result = chosen.run(p, return_lse)
+    out, lse = p.restore(*result)
+    return (out, lse) if return_lse else out

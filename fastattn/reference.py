@@ -1,0 +1,97 @@
+"""The textbook formula, computed literally: the oracle for every test and the benchmarks' baseline.
+
+It materialises the full (..., Hq, L, S) score matrix, so it is only for small problems.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inputs import Problem, canonicalize, empty_result
+
+
+def causal_keep(L: int, S: int, offset: int, device=None) -> torch.Tensor:
+    """(L, S) bool matrix: query i sees key j when j <= i + offset (0 top-left, S - L bottom-right)."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return j <= i + offset
+
+
+def problem_scores(p: Problem, dtype: torch.dtype) -> torch.Tensor:
+    """Scaled, masked scores (B, Hq, L, S) in `dtype`; masked entries are -inf."""
+    q, k = p.q.to(dtype), p.k.to(dtype)
+    if p.group > 1:
+        k = k.repeat_interleave(p.group, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * p.scale
+    if p.mask is not None:
+        if p.mask.dtype == torch.bool:
+            scores = scores.masked_fill(~p.mask, float("-inf"))
+        else:
+            scores = scores + p.mask.to(dtype)
+    if p.causal_offset is not None:
+        keep = causal_keep(p.seqlen_q, p.seqlen_k, p.causal_offset, p.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return scores
+
+
+def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weights: bool = False):
+    """(out, lse[, weights]) of a canonical problem, computed in `dtype` (default: the inputs')."""
+    dtype = dtype or p.dtype
+    lse_dt = torch.float64 if dtype == torch.float64 else torch.float32
+    empty = empty_result(p)
+    if empty is not None:
+        out, lse = empty
+        weights = p.q.new_zeros(p.batch, p.heads_q, p.seqlen_q, p.seqlen_k, dtype=dtype)
+        out = out.to(dtype)
+    else:
+        scores = problem_scores(p, dtype)
+        lse = torch.logsumexp(scores, dim=-1)
+        dead = torch.isneginf(lse)
+        # A row with nothing to attend to gets zero weights (softmax of all -inf would be NaN).
+        weights = torch.softmax(scores.masked_fill(dead[..., None], 0.0), dim=-1)
+        weights = weights.masked_fill(dead[..., None], 0.0)
+        v = p.v.to(dtype)
+        if p.group > 1:
+            v = v.repeat_interleave(p.group, dim=1)
+        out = torch.matmul(weights, v)
+    if return_weights:
+        return out, lse.to(lse_dt), weights
+    return out, lse.to(lse_dt)
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    return_lse: bool = False,
+    return_weights: bool = False,
+    upcast: bool = False,
+):
+    """softmax(Q K^T * scale + mask) V, computed literally from the full score matrix.
+
+    Arguments and their meaning are those of :func:`fastattn.attention` (and of SDPA).
+
+    upcast: False computes in the inputs' dtype (the low-precision baseline the error-ratio tests
+        compare against); True computes and returns everything in float64 (the oracle).
+    return_lse: also return lse (..., Hq, L), the natural-log logsumexp of each row's scaled,
+        masked scores (float32; float64 when upcast or for float64 inputs).
+    return_weights: also return the attention probabilities (..., Hq, L, S): row i says how much
+        query i took from each key position. Rows with no key to attend to are all zero.
+
+    Returns out, or a tuple (out, lse), (out, weights) or (out, lse, weights) in that order.
+    """
+    p = canonicalize(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    out, lse, weights = problem_attention(p, torch.float64 if upcast else None, return_weights=True)
+    out, lse = p.restore(out, lse)
+    results = [out]
+    if return_lse:
+        results.append(lse)
+    if return_weights:
+        results.append(weights.reshape(*out.shape[:-1], p.seqlen_k))
+    return results[0] if len(results) == 1 else tuple(results)
