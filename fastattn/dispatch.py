@@ -35,27 +35,34 @@ def triton_import_error() -> str | None:
     return None
 
 
-@functools.cache
-def interpreter_error() -> str | None:
-    """Why Triton's CPU interpreter cannot run here, or None when it can."""
+def triton_flavour_error(device_type: str) -> str | None:
+    """Why this process's kernel flavour cannot run tensors on `device_type` (None when it can)."""
     err = triton_import_error()
     if err:
         return err
-    try:
-        import numpy  # noqa: F401
+    from .kernels import interpreted
 
-        from triton.runtime.interpreter import InterpretedFunction  # noqa: F401
-    except Exception as e:
-        return f"Triton's interpreter is unavailable ({type(e).__name__}: {e})"
+    try:
+        interp = interpreted()
+    except Exception as e:  # e.g. Triton's interpreter failing to import with this numpy
+        return f"the Triton kernels cannot be loaded ({type(e).__name__}: {e})"
+    if device_type == "cpu" and not interp:
+        return (
+            "CPU tensors run the kernel only through Triton's interpreter, which is off in this process: "
+            "set TRITON_INTERPRET=1 before triton is first imported"
+        )
+    if device_type == "cuda" and interp:
+        return "TRITON_INTERPRET=1 is set in this process: the kernels run in the interpreter, not on the GPU"
     return None
 
 
 def _triton_reasons(p: Problem, explicit: bool) -> list[str]:
     reasons = []
-    if p.device.type == "cuda":
-        err = triton_import_error()
+    if p.device.type in ("cuda", "cpu"):
+        err = triton_flavour_error(p.device.type)
         if err:
             reasons.append(err)
+    if p.device.type == "cuda":
         cap = torch.cuda.get_device_capability(p.device)
         if cap < MIN_CUDA_CAPABILITY:
             reasons.append(f"needs an NVIDIA GPU of compute capability >= 8.0 (sm_80), this one is sm_{cap[0]}{cap[1]}")
@@ -64,9 +71,6 @@ def _triton_reasons(p: Problem, explicit: bool) -> list[str]:
     elif p.device.type == "cpu":
         if not explicit:
             reasons.append("runs CPU tensors only through Triton's interpreter, when asked for by backend='triton'")
-        err = interpreter_error()
-        if err:
-            reasons.append(err)
         if p.dtype == torch.bfloat16:
             reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use backend='cpu' on CPU")
     else:

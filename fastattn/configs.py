@@ -1,0 +1,75 @@
+"""Tunables of the Triton kernels, kept apart from the kernels so a user can replace them.
+
+``forward_config`` maps (padded head dims, dtype, GPU capability) to block sizes, warps and
+pipeline stages. Replace it with ``fastattn.configs.set_forward_config(fn)``; every config a
+built-in function can return is compiled ahead of time for sm_80 and sm_90 by the tests
+(``FORWARD_CONFIG_SPACE`` lists them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims are padded to a power of two (and at least 16, tl.dot's minimum)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def default_forward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> ForwardConfig:
+    """The built-in choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
+    d = max(head_dim, head_dim_v)
+    if capability is None:
+        # The interpreter runs each program in numpy: small tiles exercise the multi-block logic
+        # on short test sequences, and cost little.
+        return ForwardConfig(32, 32, 4, 1)
+    hopper = capability[0] >= 9
+    if dtype == torch.float32:
+        # fp32 tiles take twice the shared memory and registers of fp16/bf16 ones.
+        if d <= 64:
+            return ForwardConfig(64, 64, 4, 3 if hopper else 2)
+        if d <= 128:
+            return ForwardConfig(64, 32, 4, 2)
+        return ForwardConfig(32, 32, 4, 2)
+    if d <= 64:
+        return ForwardConfig(128, 64, 4, 4 if hopper else 3)
+    if d <= 128:
+        return ForwardConfig(128, 64, 8, 3 if hopper else 2)
+    return ForwardConfig(64, 64, 8 if hopper else 4, 2)
+
+
+FORWARD_CONFIG_SPACE = [
+    (hd, hdv, dtype, cap)
+    for cap in ((8, 0), (9, 0))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    for hd in (16, 32, 64, 128, 256)
+    for hdv in (16, 32, 64, 128, 256)
+]
+
+_forward_config: Callable[..., ForwardConfig] = default_forward_config
+
+
+def forward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None
+) -> ForwardConfig:
+    """The config the launcher uses (the built-in one unless replaced)."""
+    return _forward_config(head_dim, head_dim_v, dtype, capability)
+
+
+def set_forward_config(fn: Callable[..., ForwardConfig] | None) -> None:
+    """Replace the forward config function (same signature); None restores the built-in one."""
+    global _forward_config
+    _forward_config = fn or default_forward_config
