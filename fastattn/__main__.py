@@ -9,6 +9,7 @@ the command itself does not fail.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -23,6 +24,8 @@ from fastattn.inputs import canonicalize
 
 # The float64 oracle materialises B*Hq*L*S scores (several copies): skip it beyond this many.
 MAX_ORACLE_SCORES = {"cpu": 2**25, "cuda": 2**28}
+# Triton's interpreter runs each program in NumPy: on CPU it serves only problems up to this size.
+MAX_INTERPRETER_SCORES = 2**15
 TIME_BUDGET_S = {"quick": 0.05, "full": 0.25}  # torch.utils.benchmark min_run_time per row
 CUDA_REPS = {"quick": 5, "full": 20}
 
@@ -44,7 +47,10 @@ class Case:
     E: int
     causal: bool = False
     padding_mask: bool = False  # a (B, 1, 1, S) bool mask hiding the tail of every other sequence
-    interpreter: bool = False  # small enough for Triton's interpreter (CPU tensors only)
+
+    @property
+    def scores(self) -> int:
+        return self.B * self.Hq * self.L * self.S
 
     @property
     def name(self) -> str:
@@ -85,10 +91,13 @@ def cases(quick: bool) -> list[Case]:
         Case("cpu", f32, B, H, H, n, n, 64),
         Case("cpu", f32, B, H, H, n, n, 64, causal=True),
         Case("cpu", f32, B, H, H // 4, n, n, 64, causal=True),
-        Case("cpu", f32, 4, H, H, n // 4, n // 4, 64, padding_mask=True),
-        Case("cpu", f32, 1, 2, 2, 128, 128, 64, causal=True, interpreter=True),
-        Case("cpu", f32, 1, 2, 1, 64, 96, 80, interpreter=True),
-        Case("cpu", torch.bfloat16, 1, 2, 2, 128, 128, 64, interpreter=True),
+        Case("cpu", f32, 2, 2, 2, 64, 64, 64, padding_mask=True)
+        if quick
+        else Case("cpu", f32, 4, H, H, n // 4, n // 4, 64, padding_mask=True),
+        # Small enough for Triton's interpreter: L != S, GQA, E != 2^k, bf16 (which it refuses).
+        Case("cpu", f32, 1, 2, 2, 128, 128, 64, causal=True),
+        Case("cpu", f32, 1, 2, 1, 64, 96, 80),
+        Case("cpu", torch.bfloat16, 1, 2, 2, 128, 128, 64),
     ]
     if torch.cuda.is_available():
         n = 512 if quick else 2048
@@ -116,8 +125,7 @@ def environment_lines() -> list[str]:
     if err is None:
         import triton
 
-        interp = dispatch.interpreter_error()
-        lines.append(f"triton    {triton.__version__} (CPU interpreter: {'available' if interp is None else interp})")
+        lines.append(f"triton    {triton.__version__} (fastattn kernels: {_kernel_flavour()})")
     else:
         lines.append(f"triton    not importable: {err}")
     try:
@@ -134,6 +142,28 @@ def environment_lines() -> list[str]:
     else:
         lines.append("cuda      no CUDA device")
     return lines
+
+
+def use_interpreter_without_gpu() -> None:
+    """Without a CUDA device, turn on Triton's interpreter (unless the caller chose a setting).
+
+    Triton fixes whether kernels are compiled or interpreted when it is first imported;
+    ``import fastattn`` does not import it, so this works when called before any triton use.
+    """
+    if torch.cuda.is_available() or "TRITON_INTERPRET" in os.environ or "triton" in sys.modules:
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _kernel_flavour() -> str:
+    try:
+        from fastattn.kernels import interpreted
+
+        if interpreted():
+            return "Triton's CPU interpreter (TRITON_INTERPRET=1)"
+        return "compiled for the GPU"
+    except Exception as e:
+        return f"cannot be loaded: {_one_line(e)}"
 
 
 def _cpu_name() -> str:
@@ -187,6 +217,10 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _join(*notes) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def _row(backend: str, out_err=None, lse_err=None, t=None, note: str = "") -> str:
     return f"  {backend:<11} {_fmt_err(out_err):>9} {_fmt_err(lse_err):>9} {_fmt_time(t):>10}  {note}".rstrip()
 
@@ -200,26 +234,35 @@ def run_case(case: Case, mode: str) -> list[str]:
     except Exception as e:
         return [case.name, _row("-", note=f"error: {_one_line(e)}")]
     lines = [f"{case.name}   (auto -> {auto})"]
-    oracle = None
-    if case.B * case.Hq * case.L * case.S <= MAX_ORACLE_SCORES[case.device]:
-        oracle = reference.attention(**kwargs, return_lse=True, upcast=True)
-    if case.device == "cuda":
-        torch.cuda.synchronize()
+    oracle, no_oracle = None, "no float64 oracle (B*H*L*S too large)"
+    if case.scores <= MAX_ORACLE_SCORES[case.device]:
+        try:
+            oracle = reference.attention(**kwargs, return_lse=True, upcast=True)
+        except Exception as e:
+            lines.append(_row("oracle", note=f"error: {_one_line(e)}"))
+            no_oracle = "no float64 oracle (it failed)"
 
     for name in dispatch.REGISTRY:
-        reasons = dispatch.unsupported_reasons(name, problem, explicit=True)
+        try:
+            reasons = dispatch.unsupported_reasons(name, problem, explicit=True)
+        except Exception as e:
+            lines.append(_row(name, note=f"error: {_one_line(e)}"))
+            continue
         if reasons:
             lines.append(_row(name, note="cannot serve: " + "; ".join(reasons)))
             continue
         note = ""
         if name == "triton" and case.device == "cpu":
-            if not case.interpreter:
-                lines.append(_row(name, note="not run: Triton's interpreter is slow, see the small CPU problems"))
+            if case.scores > MAX_INTERPRETER_SCORES:
+                lines.append(
+                    _row(name, note="not run: too large for Triton's interpreter (slow); see the small CPU problems")
+                )
                 continue
             note = "Triton interpreter (slow; small problems only)"
-        lines.append(_measure(name, kwargs, oracle, case.device, mode, note))
+        lines.append(_measure(name, kwargs, oracle, case.device, mode, _join(note, oracle is None and no_oracle)))
 
-    lines.append(_measure(SDPA, kwargs, oracle, case.device, mode, "baseline: F.scaled_dot_product_attention"))
+    note = _join("baseline: F.scaled_dot_product_attention", oracle is None and no_oracle)
+    lines.append(_measure(SDPA, kwargs, oracle, case.device, mode, note))
     return lines
 
 
@@ -242,8 +285,6 @@ def _measure(name: str, kwargs: dict, oracle, device: str, mode: str, note: str)
         elapsed = _median_time(call, device, mode)
     except Exception as e:
         return _row(name, note=f"error: {_one_line(e)}")
-    if oracle is None:
-        note = "; ".join(filter(None, [note, "no float64 oracle (B*H*L*S too large)"]))
     return _row(name, out_err, lse_err, elapsed, note)
 
 
@@ -272,4 +313,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    use_interpreter_without_gpu()
     sys.exit(main())

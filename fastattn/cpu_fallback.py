@@ -17,6 +17,9 @@ from .inputs import Problem, lse_dtype
 
 DEFAULT_BLOCK_M = 256
 DEFAULT_BLOCK_N = 512
+DEFAULT_TILE_ELEMENTS = 1 << 18  # a 1 MiB fp32 score tile: the L2 cache of one core
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -63,63 +66,101 @@ def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
+def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tuple[slice, slice]]:
+    """(batch, head) slices whose score tiles of `rows` x `cols` hold about `tile_elements` in all.
+
+    A chunk is whole batches (every head) when one batch's tile fits, else heads of one batch, so
+    its batch and head dims can always be viewed as one batch dim: matmul never copies a block.
+    """
+    per_head = rows * cols
+    if H * per_head <= tile_elements:
+        step = max(1, tile_elements // (H * per_head))
+        return [(slice(b, min(b + step, B)), slice(0, H)) for b in range(0, B, step)]
+    step = max(1, tile_elements // per_head)
+    return [(slice(b, b + 1), slice(h, min(h + step, H))) for b in range(B) for h in range(0, H, step)]
+
+
 def tiled_attention(
-    p: Problem, block_m: int = DEFAULT_BLOCK_M, block_n: int = DEFAULT_BLOCK_N
+    p: Problem,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    tile_elements: int = DEFAULT_TILE_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention's online softmax in PyTorch ops; works on any device.
 
-    Extra memory is O(B * Hq * block_m * block_n) for the score tile plus O(B * Hq * L * Ev) for
-    the output: never an (L, S) matrix. Query heads that share a KV head are stacked into one
-    matrix product, so K and V are not repeated.
+    Query blocks of `block_m` rows meet key/value blocks of `block_n` positions; (batch, head)
+    pairs are taken a chunk at a time so that a score tile holds about `tile_elements` values
+    (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
+    K and V are not repeated. Extra memory: the score tile, K and V in the compute dtype, and the
+    output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
+    because exp2 is about twice as fast as exp on CPU.
     """
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
     cdt = _compute_dtype(p.dtype)
+    dev = p.device
     off = p.causal_offset
-    out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=p.device)
-    lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=p.device)
-    q5 = p.q.reshape(B, Hkv, G, L, E)
+    qk_scale = p.scale * LOG2E
+    neg_inf = -math.inf
+    # Converted once (a copy of the inputs' size at most), so the inner loop never converts; the
+    # contiguous (B, Hkv, S, D) layout lets every chunk's (batch, head) dims merge into one.
+    k = p.k.to(cdt).contiguous()
+    v = p.v.to(cdt).contiguous()
+    q5 = p.q.view(B, Hkv, G, L, E) if p.q.is_contiguous() else p.q.reshape(B, Hkv, G, L, E)
+    out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
+    lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
     mask5 = None
     if p.mask is not None:
         Bm, Hm, Lm, Sm = p.mask.shape
-        mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
-    for m0 in range(0, L, block_m):
-        m1 = min(m0 + block_m, L)
-        bm = m1 - m0
-        # Keys past the causal diagonal of this block's last row are never visited.
-        hi = S if off is None else max(0, min(S, m1 + off))
-        qb = (q5[:, :, :, m0:m1].to(cdt) * p.scale).reshape(B, Hkv, G * bm, E)
-        acc = torch.zeros(B, Hkv, G * bm, Ev, dtype=cdt, device=p.device)
-        m_i = torch.full((B, Hkv, G * bm), -math.inf, dtype=cdt, device=p.device)
-        l_i = torch.zeros(B, Hkv, G * bm, dtype=cdt, device=p.device)
-        rows = torch.arange(m0, m1, device=p.device)[:, None]
-        mask_rows = slice(m0, m1) if mask5 is not None and mask5.shape[3] > 1 else slice(None)
-        for n0 in range(0, hi, block_n):
-            n1 = min(n0 + block_n, hi)
-            kb = p.k[:, :, n0:n1].to(cdt)
-            s = torch.matmul(qb, kb.transpose(-1, -2))  # (B, Hkv, G*bm, bn)
-            s5 = s.view(B, Hkv, G, bm, n1 - n0)
-            if mask5 is not None:
-                mb = mask5[..., mask_rows, n0:n1] if mask5.shape[4] > 1 else mask5[..., mask_rows, :]
-                if mb.dtype == torch.bool:
-                    s5.masked_fill_(~mb, -math.inf)
-                else:
-                    s5.add_(mb)
-            if off is not None and n1 - 1 > m0 + off:  # the block crosses the diagonal
-                cols = torch.arange(n0, n1, device=p.device)[None, :]
-                s5.masked_fill_(cols > rows + off, -math.inf)
-            m_new = torch.maximum(m_i, s.amax(dim=-1))
-            # Guard (-inf) - (-inf) for rows that have seen no key yet.
-            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
-            s.sub_(m_safe[..., None]).exp_()
-            alpha = (m_i - m_safe).exp_()
-            l_i.mul_(alpha).add_(s.sum(dim=-1))
-            acc.mul_(alpha[..., None]).add_(torch.matmul(s, p.v[:, :, n0:n1].to(cdt)))
-            m_i = m_new
-        dead = l_i == 0
-        acc.div_(l_i.masked_fill(dead, 1.0)[..., None])
-        out[:, :, :, m0:m1] = acc.view(B, Hkv, G, bm, Ev)
-        lse[:, :, :, m0:m1] = (m_i + l_i.log()).masked_fill_(dead, -math.inf).view(B, Hkv, G, bm)
+        mask5 = p.mask.view(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.view(Bm, 1, 1, Lm, Sm)
+    bm_max, bn_max = min(block_m, L), min(block_n, S)
+    for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
+        nb, nh = bs.stop - bs.start, hs.stop - hs.start
+        k_c, v_c = k[bs, hs], v[bs, hs]
+        mask_c = None
+        if mask5 is not None:
+            mask_c = mask5[bs if mask5.shape[0] > 1 else slice(None), hs if mask5.shape[1] > 1 else slice(None)]
+        for m0 in range(0, L, block_m):
+            m1 = min(m0 + block_m, L)
+            bm = m1 - m0
+            rows = G * bm
+            # Keys past the causal diagonal of this block's last row are never visited.
+            hi = S if off is None else max(0, min(S, m1 + off))
+            qb = (q5[bs, hs, :, m0:m1].to(cdt) * qk_scale).view(nb * nh, rows, E)
+            acc = torch.zeros(nb * nh, rows, Ev, dtype=cdt, device=dev)
+            m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
+            l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)
+            mask_rows = None
+            if mask_c is not None:
+                mask_rows = mask_c[..., m0:m1, :] if mask_c.shape[3] > 1 else mask_c
+            for n0 in range(0, hi, block_n):
+                n1 = min(n0 + block_n, hi)
+                bn = n1 - n0
+                s = torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2))
+                s5 = s.view(nb, nh, G, bm, bn)
+                if mask_rows is not None:
+                    mb = mask_rows[..., n0:n1] if mask_rows.shape[4] > 1 else mask_rows
+                    if mb.dtype == torch.bool:
+                        s5.masked_fill_(mb.logical_not(), neg_inf)
+                    else:
+                        s5.add_(mb, alpha=LOG2E)
+                if off is not None and n1 - 1 > m0 + off:  # the block crosses the diagonal
+                    cols = torch.arange(n0, n1, device=dev)
+                    above = cols[None, :] > torch.arange(m0 + off, m1 + off, device=dev)[:, None]
+                    s5.masked_fill_(above, neg_inf)
+                m_new = torch.maximum(m_i, s.amax(dim=-1))
+                # Guard (-inf) - (-inf) for rows that have seen no key yet.
+                m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
+                s.sub_(m_safe.unsqueeze(-1)).exp2_()
+                alpha = m_i.sub_(m_safe).exp2_()
+                l_i.mul_(alpha).add_(s.sum(dim=-1))
+                acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev))
+                m_i = m_new
+            dead = l_i == 0
+            acc.div_(l_i.masked_fill_(dead, 1.0).unsqueeze(-1))
+            out[bs, hs, :, m0:m1] = acc.view(nb, nh, G, bm, Ev)
+            lse_b = m_i.add_(l_i.log2_()).mul_(LN2).masked_fill_(dead, neg_inf)
+            lse[bs, hs, :, m0:m1] = lse_b.view(nb, nh, G, bm)
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L).to(lse_dtype(p.dtype))
 
 

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # SDPA's causal bias objects (torch >= 2.3)
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-except ImportError:  # pragma: no cover - older torch
-    CausalBias = None
-    CausalVariant = None
+
+
+def _is_causal_bias(obj) -> bool:
+    """Is `obj` SDPA's torch.nn.attention.bias.CausalBias? Checked without importing that module:
+    importing it pulls in torch._dynamo and triton, and triton's interpreter mode is fixed at import."""
+    return any(c.__name__ == "CausalBias" and c.__module__ == "torch.nn.attention.bias" for c in type(obj).__mro__)
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -106,6 +107,8 @@ def _check_tensor(name: str, t) -> None:
 
 
 def _causal_from_bias(bias, L: int, S: int) -> int:
+    from torch.nn.attention.bias import CausalVariant
+
     if bias.seq_len_q != L or bias.seq_len_kv != S:
         raise ValueError(
             f"attn_mask is a CausalBias for (L={bias.seq_len_q}, S={bias.seq_len_kv}) "
@@ -221,7 +224,7 @@ def canonicalize(
     causal_offset = 0 if is_causal else None
     mask = None
     if attn_mask is not None:
-        if CausalBias is not None and isinstance(attn_mask, CausalBias):
+        if _is_causal_bias(attn_mask):
             if is_causal:
                 raise ValueError("pass either is_causal=True or a CausalBias attn_mask, not both")
             causal_offset = _causal_from_bias(attn_mask, L, S)

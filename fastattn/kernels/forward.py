@@ -133,22 +133,25 @@ def attention_forward_kernel(
             last_row = tl.minimum(m0 + BLOCK_M, L) - 1
             hi = tl.minimum(S, last_row + causal_offset + 1)
             # Blocks wholly left of the block's first-row diagonal need no causal check.
-            full_end = tl.maximum(tl.minimum(S, m0 + causal_offset + 1), 0) // BLOCK_N * BLOCK_N
+            full_end = tl.maximum(tl.minimum(S, m0 + causal_offset + 1), 0)
+            # Written as x - x % BLOCK_N: `x // BLOCK_N * BLOCK_N` made ptxas spill on sm_80.
+            full_end = full_end - full_end % BLOCK_N
         else:
             hi = S
-            full_end = S // BLOCK_N * BLOCK_N
+            full_end = S - S % BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, causal_offset,
                 0, CHECK_M, False, False, CHECK_E, CHECK_EV, INPUT_PRECISION)
-        for start_n in range(full_end, hi, BLOCK_N):
-            acc, l_i, m_i = _attend_kv_block(
-                acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
-                0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, INPUT_PRECISION)
+        if IS_CAUSAL or CHECK_N:  # the blocks the diagonal or the end of S cut
+            for start_n in range(full_end, hi, BLOCK_N):
+                acc, l_i, m_i = _attend_kv_block(
+                    acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
+                    stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                    L, S, E, EV, qk_scale, causal_offset,
+                    0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, INPUT_PRECISION)
     else:
         count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
         index_ptr = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im

@@ -1,0 +1,295 @@
+"""Test helpers: the error-ratio rule, random problems, masks and NaN-poisoned inputs.
+
+The pass rule (CONVENTIONS.md, from flash-attention/FlagAttention/xformers): a fast path passes when
+
+    max|out - oracle| <= 2 * max|baseline - oracle| + floor
+
+where the oracle is `fastattn.reference` in float64 and the baseline is the same reference computed
+in the inputs' own dtype, i.e. what PyTorch gets in that precision.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention.bias import causal_lower_right
+
+from fastattn import reference
+from fastattn.inputs import lse_dtype
+
+# The floor is what the rule allows when the baseline happens to be (nearly) exact, in units of
+# the largest oracle magnitude (ulps scale with magnitude: outputs reach max|V| ~ 4, lse reaches
+# ~1e3 with large logits), so the bound is FLOOR[dtype] * max(1, max|oracle|).
+#   float16 / bfloat16: one ulp at 1.0 (2^-10, 2^-7). A path that computes in fp32 still rounds
+#     its result to the dtype once (half an ulp), and the baseline may round the other way.
+#   float32: 1e-5 (~80 ulps at 1.0). Tiled paths add the same S terms in another order and fold
+#     the scale into Q; that reorders roundings by O(sqrt(S) * eps) ~ 4e-6 at S = 1000, while the
+#     fp32 baseline can be much closer than that on a given problem.
+#   float64: the baseline *is* the oracle's precision, so only the floor counts: 1e-12 covers
+#     summation-order differences (~sqrt(S) * 2.2e-16) with room to spare.
+FLOOR = {
+    torch.float64: 1e-12,
+    torch.float32: 1e-5,
+    torch.float16: 2.0**-10,
+    torch.bfloat16: 2.0**-7,
+}
+
+
+def _max_abs_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max|x - oracle| over the oracle's finite entries; inf if x is not finite there."""
+    x, oracle = x.double(), oracle.double()
+    finite = torch.isfinite(oracle)
+    if not finite.any():
+        return 0.0
+    diff = (x[finite] - oracle[finite]).abs()
+    if not torch.isfinite(diff).all():
+        return math.inf
+    return diff.max().item()
+
+
+def assert_close_to_oracle(
+    name: str,
+    out: torch.Tensor,
+    oracle: torch.Tensor,
+    baseline: torch.Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    floor: float | None = None,
+) -> None:
+    """Assert the error-ratio rule for `out` (see the module docstring), printing the errors first.
+
+    dtype: the precision the computation ran in (the inputs' dtype; lse is float32 even for fp16
+        inputs), which picks the floor; default out.dtype. floor: overrides FLOOR[dtype] * scale.
+    Non-finite values (lse = -inf of rows with no key) must sit exactly where the oracle has them;
+    NaN is never allowed. A baseline that is not finite where the oracle is counts as error inf.
+    """
+    dtype = dtype or out.dtype
+    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}"
+    assert not torch.isnan(oracle).any(), f"{name}: the oracle has NaN (broken test)"
+    finite_oracle = oracle.double()[torch.isfinite(oracle)]
+    magnitude = max(1.0, finite_oracle.abs().max().item()) if finite_oracle.numel() else 1.0
+    if floor is None:
+        floor = FLOOR[dtype] * magnitude
+    err = _max_abs_error(out, oracle)
+    base_err = _max_abs_error(baseline, oracle)
+    bound = 2 * base_err + floor
+    n_nan = int(torch.isnan(out).sum())
+    print(f"{name}: err={err:.3e} baseline_err={base_err:.3e} floor={floor:.1e} bound={bound:.3e} nan={n_nan}")
+    assert n_nan == 0, f"{name}: {n_nan} NaN in the output"
+    for kind, test in (("-inf", torch.isneginf), ("+inf", torch.isposinf)):
+        where_out, where_oracle = test(out), test(oracle)
+        mismatched = int((where_out != where_oracle).sum())
+        assert mismatched == 0, f"{name}: {mismatched} positions differ in being {kind} from the oracle"
+    assert err <= bound, f"{name}: max error {err:.3e} > 2 * baseline {base_err:.3e} + floor {floor:.1e}"
+
+
+def check_against_reference(
+    name: str,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    **kwargs,
+) -> None:
+    """Check `out` (and `lse` unless None) of an attention call with SDPA-style `kwargs` against the
+    float64 reference with the error-ratio rule; the baseline is the reference in query's dtype."""
+    oracle_out, oracle_lse = reference.attention(query, key, value, **kwargs, return_lse=True, upcast=True)
+    base_out, base_lse = reference.attention(query, key, value, **kwargs, return_lse=True)
+    assert out.dtype == query.dtype, f"{name}: output dtype {out.dtype}, inputs {query.dtype}"
+    assert_close_to_oracle(f"{name} out", out, oracle_out, base_out, dtype=query.dtype)
+    if lse is not None:
+        assert lse.dtype == lse_dtype(query.dtype), f"{name}: lse dtype {lse.dtype}"
+        assert_close_to_oracle(f"{name} lse", lse, oracle_lse, base_lse, dtype=query.dtype)
+
+
+def _strided(shape: tuple[int, ...], layout: str, pad: int, std: float, dtype: torch.dtype) -> torch.Tensor:
+    """A (B, H, N, D) tensor of N(0, std^2) values in `layout`, optionally inside a NaN buffer.
+
+    layout "bhld": a contiguous (B, H, N, D) tensor. "blhd": a (B, N, H, D) tensor transposed to
+    (B, H, N, D), so heads and positions are not contiguous (the usual projection output).
+    pad > 0: the storage is a NaN-filled buffer `pad` larger on each side of every dim, so any
+    out-of-bounds read brings NaN into the result.
+    """
+    B, H, N, D = shape
+    stored = (B, H, N, D) if layout == "bhld" else (B, N, H, D)
+    if layout not in ("bhld", "blhd"):
+        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
+    values = (torch.randn(stored) * std).to(dtype)
+    if pad:
+        buffer = torch.full([s + 2 * pad for s in stored], math.nan, dtype=dtype)
+        view = buffer[tuple(slice(pad, pad + s) for s in stored)]
+        view.copy_(values)
+        values = view
+    return values if layout == "bhld" else values.transpose(1, 2)
+
+
+def make_qkv(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    L: int,
+    S: int,
+    E: int,
+    Ev: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "bhld",
+    logit_std: float = 1.0,
+    nan_pad: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev).
+
+    logit_std: q and k have variance logit_std, so the default-scaled scores q.k/sqrt(E) have
+        standard deviation logit_std (300 gives row maxima ~1e3: the large-logits case).
+    layout / nan_pad: see :func:`_strided` (non-contiguous views; NaN-poisoned surroundings).
+    """
+    Ev = E if Ev is None else Ev
+    qk_std = math.sqrt(logit_std)
+    q = _strided((B, Hq, L, E), layout, nan_pad, qk_std, dtype)
+    k = _strided((B, Hkv, S, E), layout, nan_pad, qk_std, dtype)
+    v = _strided((B, Hkv, S, Ev), layout, nan_pad, 1.0, dtype)
+    return q, k, v
+
+
+def make_mask(
+    shape: tuple[int, ...],
+    kind: str,
+    dtype: torch.dtype = torch.float32,
+    keep: float = 0.75,
+    dead_frac: float = 0.0,
+) -> torch.Tensor:
+    """A random mask of `shape` (any shape that broadcasts to the scores, e.g. (B,1,1,S), (L,1)).
+
+    kind "bool": True = the key takes part, each with probability `keep`. kind "float": an additive
+    bias of `dtype`, N(0, 1) where kept and -inf where not. dead_frac: that fraction of the mask's
+    rows (all dims but the last; at least one row when > 0) is fully masked, so those query rows
+    have no key to attend to.
+    """
+    kept = torch.rand(shape) < keep
+    if dead_frac > 0:
+        rows = kept.reshape(-1, shape[-1])
+        n_dead = max(1, round(dead_frac * rows.shape[0]))
+        rows[torch.randperm(rows.shape[0])[:n_dead]] = False
+    if kind == "bool":
+        return kept
+    if kind == "float":
+        return torch.randn(shape).masked_fill(~kept, -math.inf).to(dtype)
+    raise ValueError(f"kind must be 'bool' or 'float', got {kind!r}")
+
+
+def mask_shape(name: str, B: int, Hq: int, L: int, S: int) -> tuple[int, ...]:
+    """The broadcast mask shapes the tests use, by name: "b11s" (padding), "1hls", "ls", "l1",
+    "bhls" (full size), "11ls"."""
+    shapes = {
+        "b11s": (B, 1, 1, S),
+        "1hls": (1, Hq, L, S),
+        "ls": (L, S),
+        "l1": (L, 1),
+        "bhls": (B, Hq, L, S),
+        "11ls": (1, 1, L, S),
+    }
+    return shapes[name]
+
+
+LENGTHS = (1, 7, 17, 63, 64, 65, 127, 129, 1000)
+HEAD_DIMS = (16, 32, 40, 64, 80, 96, 128, 160, 192, 256)
+LARGE_LOGITS = 300.0  # score standard deviation: row maxima reach ~1e3
+
+
+@dataclass(frozen=True)
+class Case:
+    L: int
+    S: int
+    E: int
+    Ev: int | None = None
+    B: int = 1
+    Hq: int = 1
+    Hkv: int = 1
+    causal: str | None = None  # "tl": is_causal=True (top-left); "br": causal_lower_right
+    mask: str | None = None  # "{bool|float}_{shape name}", shape names as in mask_shape()
+    dead: float = 0.0  # fraction of the mask's rows fully masked
+    layout: str = "bhld"
+    large: bool = False
+    nan_pad: int = 0
+
+    def __post_init__(self):
+        assert not (self.causal == "br" and self.mask), "a CausalBias is the mask: no tensor mask with it"
+
+    @property
+    def id(self) -> str:
+        parts = [f"L{self.L}", f"S{self.S}", f"E{self.E}"]
+        if self.Ev is not None and self.Ev != self.E:
+            parts.append(f"Ev{self.Ev}")
+        if self.causal:
+            parts.append(f"causal_{self.causal}")
+        if self.mask:
+            parts.append(self.mask)
+        if self.dead:
+            parts.append("dead")
+        if self.Hq != self.Hkv:
+            parts.append("mqa" if self.Hkv == 1 else "gqa")
+        if self.layout != "bhld":
+            parts.append(self.layout)
+        if self.large:
+            parts.append("large")
+        if self.nan_pad:
+            parts.append("poison")
+        if self.B * self.Hq > 1:
+            parts.append(f"B{self.B}H{self.Hq}")
+        return "-".join(parts)
+
+
+# The parity matrix (tests/test_parity.py), reused by the tiled-path tests: named cases that
+# together cover every value of the issue's matrix and its risky combinations.
+PARITY_CASES = [
+    Case(1, 1, 16, B=2, Hq=2, Hkv=2),
+    Case(1, 1000, 64, Hq=4, Hkv=1, causal="br"),  # one decoding step over a long KV cache
+    Case(1000, 7, 32, layout="blhd"),
+    Case(7, 17, 40, 16, B=2, Hq=2, Hkv=2, causal="tl"),
+    Case(17, 7, 32, Hq=2, Hkv=2, causal="br"),  # L > S: the first 10 rows see no key
+    Case(17, 7, 32, causal="tl", layout="blhd"),
+    Case(63, 129, 80, Hq=4, Hkv=2, causal="br"),
+    Case(64, 64, 64, B=2, Hq=2, Hkv=2, causal="tl"),
+    Case(65, 63, 96, 64, B=2, Hq=2, Hkv=2, mask="bool_b11s", dead=0.5),
+    Case(127, 129, 128, Hq=4, Hkv=2, mask="float_1hls"),
+    Case(129, 127, 160, Hq=2, Hkv=2, mask="bool_ls", dead=0.1, layout="blhd"),
+    Case(64, 65, 192, 80, Hq=2, Hkv=2, mask="float_l1"),
+    Case(65, 64, 256, causal="tl", mask="bool_bhls"),  # causal and a mask at once
+    Case(1000, 1000, 64, causal="tl"),
+    Case(127, 127, 64, Hq=2, Hkv=2, large=True),
+    Case(65, 129, 128, Hq=4, Hkv=1, causal="br", large=True),
+    Case(63, 65, 16, 256, mask="float_11ls", large=True),
+    Case(7, 1000, 256, 32, B=2, Hq=2, Hkv=2, mask="bool_b11s"),
+    Case(17, 17, 1, 3, Hq=2, Hkv=2, causal="tl"),  # the smallest head dims
+    Case(63, 127, 80, B=2, Hq=2, Hkv=1, causal="tl", mask="bool_b11s", layout="blhd", nan_pad=3),
+    Case(129, 64, 32, B=2, Hq=2, Hkv=2, mask="float_bhls", dead=0.2, nan_pad=2),
+]
+
+
+def attention_arguments(case: Case, dtype: torch.dtype):
+    """(q, k, v, SDPA-style keyword arguments) of a case."""
+    q, k, v = make_qkv(
+        case.B,
+        case.Hq,
+        case.Hkv,
+        case.L,
+        case.S,
+        case.E,
+        case.Ev,
+        dtype=dtype,
+        layout=case.layout,
+        logit_std=LARGE_LOGITS if case.large else 1.0,
+        nan_pad=case.nan_pad,
+    )
+    kwargs = {"enable_gqa": case.Hq != case.Hkv}
+    if case.causal == "tl":
+        kwargs["is_causal"] = True
+    elif case.causal == "br":
+        kwargs["attn_mask"] = causal_lower_right(case.L, case.S)
+    if case.mask:
+        kind, shape_name = case.mask.split("_")
+        shape = mask_shape(shape_name, case.B, case.Hq, case.L, case.S)
+        kwargs["attn_mask"] = make_mask(shape, kind, dtype, dead_frac=case.dead)
+    return q, k, v, kwargs
