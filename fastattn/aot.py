@@ -11,6 +11,7 @@ Compilation needs the compiled kernel flavour: run it with TRITON_INTERPRET unse
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -60,6 +61,8 @@ VARIANTS = {
     "causal": (True, 0, False, False, False, False),
     "ragged": (False, 0, True, True, False, False),
     "causal-ragged": (True, 0, True, True, False, False),
+    "bool-mask": (False, 1, False, False, False, False),
+    "padded-dims": (False, 0, False, False, True, True),
     "bool-mask-ragged": (False, 1, True, True, True, True),
     "float-mask-causal": (True, 2, False, False, False, False),
 }
@@ -89,6 +92,7 @@ def forward_source(dtype: torch.dtype, head_dim: int, head_dim_v: int, config: F
         "CHECK_N": check_n,
         "CHECK_E": check_e,
         "CHECK_EV": check_ev,
+        "LARGE_OFFSETS": False,
         "INPUT_PRECISION": "tf32",
     }
     # Unit strides of the last dims are specialised to 1, as triton does at launch.
@@ -160,39 +164,57 @@ def compile_forward(
     )
 
 
-def dispatch_space(equal_head_dims_only: bool = False):
-    """Every (dtype, head_dim, head_dim_v, arch) the dispatcher can meet on sm_80 and sm_90."""
+def dispatch_space(dtypes=None, head_dims=None, all_pairs: bool = False):
+    """(dtype, head_dim, head_dim_v, arch) the dispatcher can meet on sm_80 and sm_90 (padded dims)."""
     for hd, hdv, dtype, cap in FORWARD_CONFIG_SPACE:
-        if equal_head_dims_only and hd != hdv:
+        if not all_pairs and hd != hdv:
+            continue
+        if dtypes and _TRITON_DTYPE[dtype] not in dtypes:
+            continue
+        if head_dims and (hd not in head_dims or hdv not in head_dims):
             continue
         yield dtype, hd, hdv, cap[0] * 10 + cap[1]
 
 
+def _compile_job(job) -> dict:
+    dtype, hd, hdv, arch, variant = job
+    return asdict(compile_forward(dtype, hd, hdv, arch, variant))
+
+
+def format_row(r: dict) -> str:
+    fits = r["shared_bytes"] <= r["shared_limit"]
+    return (
+        f"| sm_{r['arch']} | {r['dtype']} | {r['head_dim']} | {r['head_dim_v']} | {r['block_m']} | {r['block_n']} | "
+        f"{r['num_warps']} | {r['num_stages']} | {r['variant']} | {r['registers']} | "
+        f"{r['spill_stores']}/{r['spill_loads']} | {r['stack_bytes']} | "
+        f"{r['shared_bytes'] / 1024:.1f}{'' if fits else ' (over!)'} | {'yes' if r['hgmma'] else 'no'} |"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--all-head-dims", action="store_true", help="also every E != Ev pair (slow)")
-    parser.add_argument("--variants", default="plain", help=f"comma list of {','.join(VARIANTS)} or 'all'")
+    parser.add_argument("--all-pairs", action="store_true", help="every (E, Ev) pair, not only E == Ev (slow)")
+    parser.add_argument("--variants", default="plain", help=f"comma list of {','.join(VARIANTS)}, or 'all'")
+    parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma list of fp16,bf16,fp32")
+    parser.add_argument("--head-dims", default="", help="comma list of padded head dims (default: all)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args(argv)
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    head_dims = [int(d) for d in args.head_dims.split(",") if d]
+    jobs = [
+        (dtype, hd, hdv, arch, v)
+        for dtype, hd, hdv, arch in dispatch_space(args.dtypes.split(","), head_dims, args.all_pairs)
+        for v in variants
+    ]
     if not args.json:
         print("| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
-    for dtype, hd, hdv, arch in dispatch_space(equal_head_dims_only=not args.all_head_dims):
-        for variant in variants:
-            r = compile_forward(dtype, hd, hdv, arch, variant)
-            bad += not r.fits
-            if args.json:
-                print(json.dumps(asdict(r)), flush=True)
-            else:
-                print(
-                    f"| sm_{r.arch} | {r.dtype} | {r.head_dim} | {r.head_dim_v} | {r.block_m} | {r.block_n} | "
-                    f"{r.num_warps} | {r.num_stages} | {r.variant} | {r.registers} | {r.spill_stores}/{r.spill_loads} | "
-                    f"{r.stack_bytes} | {r.shared_bytes / 1024:.1f}{'' if r.fits else ' (over!)'} | "
-                    f"{'yes' if r.hgmma else 'no'} |",
-                    flush=True,
-                )
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for r in pool.map(_compile_job, jobs):
+            bad += r["shared_bytes"] > r["shared_limit"]
+            print(json.dumps(r) if args.json else format_row(r), flush=True)
     return 1 if bad else 0
 
 

@@ -72,7 +72,7 @@ def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tu
     A chunk is whole batches (every head) when one batch's tile fits, else heads of one batch, so
     its batch and head dims can always be viewed as one batch dim: matmul never copies a block.
     """
-    per_head = rows * cols
+    per_head = max(1, rows * cols)
     if H * per_head <= tile_elements:
         step = max(1, tile_elements // (H * per_head))
         return [(slice(b, min(b + step, B)), slice(0, H)) for b in range(0, B, step)]
@@ -106,13 +106,13 @@ def tiled_attention(
     # contiguous (B, Hkv, S, D) layout lets every chunk's (batch, head) dims merge into one.
     k = p.k.to(cdt).contiguous()
     v = p.v.to(cdt).contiguous()
-    q5 = p.q.view(B, Hkv, G, L, E) if p.q.is_contiguous() else p.q.reshape(B, Hkv, G, L, E)
+    q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
     lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
     mask5 = None
     if p.mask is not None:
         Bm, Hm, Lm, Sm = p.mask.shape
-        mask5 = p.mask.view(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.view(Bm, 1, 1, Lm, Sm)
+        mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
@@ -126,7 +126,9 @@ def tiled_attention(
             rows = G * bm
             # Keys past the causal diagonal of this block's last row are never visited.
             hi = S if off is None else max(0, min(S, m1 + off))
-            qb = (q5[bs, hs, :, m0:m1].to(cdt) * qk_scale).view(nb * nh, rows, E)
+            qb = torch.empty(nb, nh, G, bm, E, dtype=cdt, device=dev)
+            qb.copy_(q5[bs, hs, :, m0:m1]).mul_(qk_scale)
+            qb = qb.view(nb * nh, rows, E)
             acc = torch.zeros(nb * nh, rows, Ev, dtype=cdt, device=dev)
             m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
             l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)

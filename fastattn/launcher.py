@@ -77,6 +77,12 @@ def mask_block_lists(
     return counts.contiguous(), order.contiguous()
 
 
+def _large_offsets(p: Problem, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Can a key-block offset start_n * stride pass 2**31 (then the kernel computes it in 64 bits)?"""
+    spans = (p.seqlen_k * abs(k.stride(2)), p.seqlen_k * abs(v.stride(2)), p.seqlen_k * abs(mask.stride(3)))
+    return max(spans) >= 2**31
+
+
 def _input_precision(p: Problem, interpret: bool) -> str:
     if p.dtype == torch.float32 and not interpret:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -121,6 +127,7 @@ def triton_attention_forward(
         CHECK_N=S % config.block_n != 0,
         CHECK_E=E != head_dim,
         CHECK_EV=Ev != head_dim_v,
+        LARGE_OFFSETS=_large_offsets(p, k, v, mask),
         INPUT_PRECISION=_input_precision(p, interpret),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -3,8 +3,10 @@
 Triton fixes, when it is first imported, whether its kernels are compiled for a GPU or run by its
 CPU interpreter (TRITON_INTERPRET). Without a CUDA device the tests want the interpreter, so that
 backend="triton" runs on CPU tensors; this file sets TRITON_INTERPRET=1 before anything imports
-triton, unless the caller chose a value or a GPU is present. The markers (`slow`, `gpu`) and the
-default `-m "not slow"` live in pyproject.toml.
+triton, unless the caller chose a value or a GPU is present.
+
+Tests marked `slow` (long sweeps) are skipped unless the run passes --runslow or a -m expression
+that names them (`pytest -m slow`). The markers are declared in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -17,6 +19,19 @@ import torch
 
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip_slow = pytest.mark.skip(reason="slow sweep: run with --runslow or -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ in the inputs' own dtype, i.e. what PyTorch gets in that precision.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -266,6 +267,30 @@ PARITY_CASES = [
     Case(63, 127, 80, B=2, Hq=2, Hkv=1, causal="tl", mask="bool_b11s", layout="blhd", nan_pad=3),
     Case(129, 64, 32, B=2, Hq=2, Hkv=2, mask="float_bhls", dead=0.2, nan_pad=2),
 ]
+
+
+def sweep_cases() -> list[Case]:
+    """The slow sweep: every (L, S) pair of LENGTHS, cycling head dims, causal alignment, masks and head grouping."""
+    masks = (None, "bool_b11s", "float_1hls", "bool_l1", "float_ls")
+    heads = ((1, 1), (2, 1), (4, 2))
+    cases = []
+    for i, (L, S) in enumerate(itertools.product(LENGTHS, LENGTHS)):
+        causal = (None, "tl", "br")[i % 3]
+        hq, hkv = heads[i % 3 if L * S < 10**5 else 0]
+        cases.append(
+            Case(
+                L,
+                S,
+                HEAD_DIMS[i % 10],
+                HEAD_DIMS[(3 * i + 1) % 10],
+                Hq=hq,
+                Hkv=hkv,
+                causal=causal,
+                mask=None if causal == "br" else masks[i % 5],
+                layout=("bhld", "blhd")[i % 2],
+            )
+        )
+    return cases
 
 
 def attention_arguments(case: Case, dtype: torch.dtype):

@@ -18,7 +18,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import HEAD_DIMS, LENGTHS, PARITY_CASES, Case, attention_arguments, check_against_reference
+from helpers import HEAD_DIMS, LENGTHS, PARITY_CASES, Case, attention_arguments, check_against_reference, sweep_cases
 
 import fastattn
 from fastattn.dispatch import unsupported_reasons
@@ -27,31 +27,7 @@ from fastattn.inputs import canonicalize
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
 
-def _sweep() -> list[Case]:
-    """Every (L, S) pair, cycling head dims, causal alignment, masks and head grouping."""
-    masks = (None, "bool_b11s", "float_1hls", "bool_l1", "float_ls")
-    heads = ((1, 1), (2, 1), (4, 2))
-    cases = []
-    for i, (L, S) in enumerate(itertools.product(LENGTHS, LENGTHS)):
-        causal = (None, "tl", "br")[i % 3]
-        hq, hkv = heads[i % 3 if L * S < 10**5 else 0]
-        cases.append(
-            Case(
-                L,
-                S,
-                HEAD_DIMS[i % 10],
-                HEAD_DIMS[(3 * i + 1) % 10],
-                Hq=hq,
-                Hkv=hkv,
-                causal=causal,
-                mask=None if causal == "br" else masks[i % 5],
-                layout=("bhld", "blhd")[i % 2],
-            )
-        )
-    return cases
-
-
-SLOW_CASES = _sweep()
+SLOW_CASES = sweep_cases()
 
 
 def backend_dtypes():

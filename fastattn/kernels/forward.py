@@ -36,23 +36,25 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 @triton.jit
 def _attend_kv_block(
-    acc, l_i, m_i, q,
-    K_head, V_head, M_rows,
+    acc, l_i, m_i, q, K_head, V_head, M_rows,
     start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
     L, S, E, EV, qk_scale, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-    CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One step of the online softmax: fold key/value positions [start_n, start_n + BLOCK_N) in."""
     cols = start_n + offs_n
-    # 64-bit block base: start_n * stride can pass 2**31 on long sequences.
-    kv_row = tl.cast(start_n, tl.int64)
-    k = _load_tile(K_head + kv_row * stride_kn + offs_n[:, None] * stride_kn + offs_dk[None, :] * stride_kk,
-                   cols, S, offs_dk, E, CHECK_N, CHECK_E)
+    # 32-bit offsets unless the host says start_n * stride can pass 2**31: 64-bit offset tensors
+    # cost registers that the tiles need (measured: spills on sm_80 and sm_90).
+    if LARGE_OFFSETS:
+        rows_kv = cols.to(tl.int64)[:, None]
+    else:
+        rows_kv = cols[:, None]
+    k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
     qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
     if MASK_KIND != 0:
-        m_ptrs = M_rows + kv_row * stride_mn + local_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
+        m_ptrs = M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn
         mask = _load_tile(m_ptrs, offs_m, L, cols, S, CHECK_M, CHECK_N)
         if MASK_KIND == 1:
             qk = tl.where(mask != 0, qk, float("-inf"))
@@ -68,8 +70,7 @@ def _attend_kv_block(
     alpha = tl.math.exp2(m_i - m_safe)
     p = tl.math.exp2(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(V_head + kv_row * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
-                   cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
+    v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
     return acc, l_i, m_new
@@ -91,7 +92,7 @@ def attention_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Out (B, H, L, EV) and Lse (B, H, L) fp32 of softmax(qk_scale * Q K^T [+ mask]) V in log2 units.
 
@@ -134,24 +135,24 @@ def attention_forward_kernel(
             hi = tl.minimum(S, last_row + causal_offset + 1)
             # Blocks wholly left of the block's first-row diagonal need no causal check.
             full_end = tl.maximum(tl.minimum(S, m0 + causal_offset + 1), 0)
-            # Written as x - x % BLOCK_N: `x // BLOCK_N * BLOCK_N` made ptxas spill on sm_80.
-            full_end = full_end - full_end % BLOCK_N
         else:
             hi = S
-            full_end = S - S % BLOCK_N
+            full_end = S
+        # Written as x - x % BLOCK_N: `x // BLOCK_N * BLOCK_N` made ptxas spill on sm_80.
+        full_end = full_end - full_end % BLOCK_N
         for start_n in range(0, full_end, BLOCK_N):
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, causal_offset,
-                0, CHECK_M, False, False, CHECK_E, CHECK_EV, INPUT_PRECISION)
+                0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         if IS_CAUSAL or CHECK_N:  # the blocks the diagonal or the end of S cut
             for start_n in range(full_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_kv_block(
                     acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                     L, S, E, EV, qk_scale, causal_offset,
-                    0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, INPUT_PRECISION)
+                    0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
     else:
         count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
         index_ptr = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
@@ -163,14 +164,14 @@ def attention_forward_kernel(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, causal_offset,
-                0, CHECK_M, False, False, CHECK_E, CHECK_EV, INPUT_PRECISION)
+                0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         for i in range(n_full, n_full + n_cut):
             start_n = tl.load(index_ptr + i) * BLOCK_N
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, causal_offset,
-                MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, INPUT_PRECISION)
+                MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)

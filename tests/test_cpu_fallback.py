@@ -1,0 +1,215 @@
+"""The CPU fallback: its tiled online softmax, its delegation to SDPA's CPU kernel, its memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PARITY_CASES, attention_arguments, check_against_reference, make_qkv, sweep_cases
+from torch.nn.attention.bias import causal_lower_right
+
+import fastattn
+from fastattn import cpu_fallback
+from fastattn.inputs import canonicalize
+
+pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+
+# (id, block_m, block_n, tile_elements): blocks that divide nothing, one-head chunks, the defaults.
+BLOCKINGS = [
+    ("b13x7", 13, 7, cpu_fallback.DEFAULT_TILE_ELEMENTS),
+    ("b16x32-chunk1", 16, 32, 1),
+    ("default", cpu_fallback.DEFAULT_BLOCK_M, cpu_fallback.DEFAULT_BLOCK_N, cpu_fallback.DEFAULT_TILE_ELEMENTS),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def run_tiled(case, dtype, block_m, block_n, tile_elements):
+    q, k, v, kwargs = attention_arguments(case, dtype)
+    p = canonicalize(q, k, v, **kwargs)
+    out, lse = p.restore(*cpu_fallback.tiled_attention(p, block_m, block_n, tile_elements))
+    check_against_reference(f"{case.id} tiled {block_m}x{block_n}/{tile_elements}", out, lse, q, k, v, **kwargs)
+
+
+# Tiny blocks make thousands of tiles on the long cases; the other blockings cover those.
+TILED = [
+    pytest.param(case, blocking, id=f"{case.id}-{blocking[0]}")
+    for case in PARITY_CASES
+    for blocking in BLOCKINGS
+    if blocking[0] != "b13x7" or case.L * case.S <= 20_000
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case,blocking", TILED)
+def test_tiled_matches_oracle(case, blocking, dtype):
+    run_tiled(case, dtype, *blocking[1:])
+
+
+SWEEP = sweep_cases()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", SWEEP, ids=[c.id for c in SWEEP])
+def test_tiled_sweep(case, dtype):
+    run_tiled(case, dtype, 32, 64, 1 << 12)
+
+
+def test_chunks_cover_every_head_once():
+    for B, H, rows, cols, tile in [
+        (3, 5, 16, 16, 1),
+        (3, 5, 16, 16, 16 * 16 * 7),
+        (4, 2, 8, 8, 1 << 20),
+        (2, 3, 0, 0, 64),
+    ]:
+        seen = torch.zeros(B, H, dtype=torch.int64)
+        for bs, hs in cpu_fallback._chunks(B, H, rows, cols, tile):
+            seen[bs, hs] += 1
+        assert (seen == 1).all(), (B, H, rows, cols, tile)
+
+
+def test_tiled_repeats_are_bitwise_equal():
+    q, k, v = make_qkv(2, 4, 2, 129, 200, 64, dtype=torch.bfloat16)
+    p = canonicalize(q, k, v, is_causal=True, enable_gqa=True)
+    first, second = cpu_fallback.tiled_attention(p, 32, 64), cpu_fallback.tiled_attention(p, 32, 64)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# --- delegation to SDPA's CPU kernel ------------------------------------------------------------
+
+DELEGATION = [
+    # (id, builds kwargs from (L, S), E, Ev, expected to delegate)
+    ("plain", lambda L, S: {}, 64, 64, True),
+    ("causal_tl", lambda L, S: {"is_causal": True}, 64, 64, True),
+    ("causal_br-L=S", lambda L, S: {"attn_mask": causal_lower_right(S, S)}, 64, 64, True),
+    ("mask", lambda L, S: {"attn_mask": torch.rand(L, S) < 0.5}, 64, 64, True),
+    ("gqa", lambda L, S: {"enable_gqa": True}, 64, 64, True),
+    ("causal_br", lambda L, S: {"attn_mask": causal_lower_right(L, S)}, 64, 64, False),
+    ("E!=Ev", lambda L, S: {}, 64, 32, False),
+    ("causal+mask", lambda L, S: {"is_causal": True, "attn_mask": torch.rand(L, S) < 0.5}, 64, 64, False),
+]
+
+
+@pytest.mark.parametrize("case", DELEGATION, ids=[c[0] for c in DELEGATION])
+def test_delegates_exactly_where_sdpa_can(case, monkeypatch):
+    name, make_kwargs, E, Ev, delegates = case
+    L, S = (33, 33) if name == "causal_br-L=S" else (33, 47)
+    q, k, v = make_qkv(2, 4, 2 if name == "gqa" else 4, L, S, E, Ev)
+    kwargs = make_kwargs(L, S)
+    assert (cpu_fallback.sdpa_cpu_reasons(canonicalize(q, k, v, **kwargs)) == []) == delegates
+
+    def refuse(*args, **kw):
+        raise AssertionError("the other path was taken")
+
+    monkeypatch.setattr(cpu_fallback, "tiled_attention" if delegates else "_sdpa_cpu", refuse)
+    out, lse = fastattn.attention(q, k, v, **kwargs, return_lse=True, backend="cpu")
+    check_against_reference(f"{name} cpu", out, lse, q, k, v, **kwargs)
+
+
+def _delegated(case) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # causal_lower_right with L > S warns of NaN (not ours)
+        q, k, v, kwargs = attention_arguments(case, torch.float32)
+    return not cpu_fallback.sdpa_cpu_reasons(canonicalize(q, k, v, **kwargs))
+
+
+SDPA_CASES = [c for c in PARITY_CASES if _delegated(c)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", SDPA_CASES, ids=[c.id for c in SDPA_CASES])
+def test_sdpa_path_matches_oracle(case, dtype):
+    """SDPA's kernel, with fastattn's fixes for rows that have no key (lse -inf, out 0)."""
+    q, k, v, kwargs = attention_arguments(case, dtype)
+    p = canonicalize(q, k, v, **kwargs)
+    assert cpu_fallback.sdpa_cpu_reasons(p) == []
+    out, lse = p.restore(*cpu_fallback._sdpa_cpu(p))
+    check_against_reference(f"{case.id} sdpa", out, lse, q, k, v, **kwargs)
+
+
+# --- memory: no (L, S) matrix at L = S = 16384 ---------------------------------------------------
+
+N = 16384
+LS_BYTES = N * N * 4  # one float32 (L, S) matrix: 1 GiB
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import torch
+    import fastattn
+    from fastattn import cpu_fallback
+    from fastattn.inputs import canonicalize
+    from torch.nn.attention.bias import causal_lower_right
+
+    def rss_now():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    N = {N}
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, N, 64) for _ in range(3))
+    pad = torch.rand(1, 1, 1, N) < 0.9
+    cases = {{
+        "sdpa": lambda: fastattn.attention(q, k, v, backend="cpu"),
+        "sdpa-causal": lambda: fastattn.attention(q, k, v, is_causal=True, backend="cpu"),
+        "sdpa-padding-mask": lambda: fastattn.attention(q, k, v, pad, backend="cpu"),
+        "tiled": lambda: cpu_fallback.tiled_attention(canonicalize(q, k, v)),
+        "tiled-causal_br": lambda: fastattn.attention(
+            q[:, :, : N - 384], k, v, causal_lower_right(N - 384, N), backend="cpu"),
+        "tiled-causal-padding-mask": lambda: fastattn.attention(q, k, v, pad, is_causal=True, backend="cpu"),
+        # The instrument itself: a quarter of an (L, S) matrix must show up.
+        "control-quarter-LS": lambda: torch.ones(N // 4, N),
+    }}
+    small = (t[:, :, :64] for t in (q, k, v))
+    fastattn.attention(*small, backend="cpu")  # warm up: libraries and thread pools
+    result = {{}}
+    for name, run in cases.items():
+        before, start = rss_now(), time.perf_counter()
+        out = run()
+        result[name] = (peak() - before, time.perf_counter() - start)
+        del out
+    print(json.dumps(result))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def memory_growth() -> dict[str, int]:
+    """Peak RSS growth (bytes) of each case, measured in a fresh process: the high-water mark
+    after the call minus the resident size before it (an upper bound on what the call added;
+    the cases run in order, so a case that grew a lot would inflate the later ones, never hide)."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT.format(N=N)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    growth = {}
+    for name, (grown, seconds) in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        print(
+            f"{name}: peak RSS +{grown / 2**20:.1f} MiB in {seconds:.2f} s (an (L, S) fp32 matrix: {LS_BYTES / 2**30:.0f} GiB)"
+        )
+        growth[name] = grown
+    return growth
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["sdpa", "sdpa-causal", "sdpa-padding-mask", "tiled", "tiled-causal_br", "tiled-causal-padding-mask"],
+)
+def test_no_ls_matrix_at_16k(memory_growth, name):
+    assert memory_growth[name] < LS_BYTES / 8, f"{name}: {memory_growth[name] / 2**20:.0f} MiB"
+
+
+def test_memory_instrument_sees_an_ls_quarter(memory_growth):
+    assert memory_growth["control-quarter-LS"] > LS_BYTES / 4 * 0.9
