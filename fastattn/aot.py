@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import FORWARD_CONFIG_SPACE, ForwardConfig, default_forward_config
+from .configs import FORWARD_CONFIG_SPACE, ForwardConfig, forward_config
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -148,7 +148,8 @@ def compile_forward(
     import triton
     from triton.backends.compiler import GPUTarget
 
-    config = config or default_forward_config(head_dim, head_dim_v, dtype, (arch // 10, arch % 10))
+    masked = VARIANTS[variant][1] != 0
+    config = config or forward_config(head_dim, head_dim_v, dtype, (arch // 10, arch % 10), masked=masked)
     src = forward_source(dtype, head_dim, head_dim_v, config, variant)
     compiled = triton.compile(
         src,

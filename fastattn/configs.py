@@ -28,7 +28,7 @@ def padded_head_dim(d: int) -> int:
 
 
 def default_forward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
 ) -> ForwardConfig:
     """The built-in choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
     d = max(head_dim, head_dim_v)
@@ -63,10 +63,10 @@ _forward_config: Callable[..., ForwardConfig] = default_forward_config
 
 
 def forward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
 ) -> ForwardConfig:
-    """The config the launcher uses (the built-in one unless replaced)."""
-    return _forward_config(head_dim, head_dim_v, dtype, capability)
+    """The config the launcher uses (the built-in one unless replaced); masked: a tensor attn_mask."""
+    return _forward_config(head_dim, head_dim_v, dtype, capability, masked=masked)
 
 
 def set_forward_config(fn: Callable[..., ForwardConfig] | None) -> None:

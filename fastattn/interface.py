@@ -8,6 +8,10 @@ from .dispatch import choose_backend
 from .inputs import canonicalize, empty_result
 
 
+def _needs_grad(p) -> bool:
+    return any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.mask))
+
+
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -64,6 +68,10 @@ def attention(
 
     Returns out, or (out, lse) when return_lse=True.
 
+    Gradients: this release is forward-only. With grad mode on and an input that requires grad,
+    every backend but "reference" raises NotImplementedError rather than return a result that
+    autograd cannot differentiate.
+
     Raises TypeError / ValueError naming the argument for bad input (ranks, batch dims, head
     counts, head dims, dtypes, devices, mask shape or dtype, dropout_p).
     """
@@ -71,6 +79,11 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     chosen = choose_backend(backend, p)
+    if chosen.name != "reference" and torch.is_grad_enabled() and _needs_grad(p):
+        raise NotImplementedError(
+            "fastattn 0.1 has no backward pass yet (it comes in 0.2): call it under torch.no_grad() or "
+            "torch.inference_mode(), detach the inputs, or use backend='reference' (differentiable, O(L*S) memory)"
+        )
     result = empty_result(p)
     if result is None:
         result = chosen.run(p, return_lse)

@@ -103,7 +103,7 @@ def triton_attention_forward(
     head_dim, head_dim_v = padded_head_dim(E), padded_head_dim(Ev)
     if config is None:
         capability = None if p.device.type != "cuda" else torch.cuda.get_device_capability(p.device)
-        config = forward_config(head_dim, head_dim_v, p.dtype, capability)
+        config = forward_config(head_dim, head_dim_v, p.dtype, capability, masked=p.mask is not None)
     q, k, v = (_last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     out = torch.empty(B, Hq, L, Ev, dtype=p.dtype, device=p.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=p.device)

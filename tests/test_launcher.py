@@ -1,0 +1,147 @@
+"""The Triton launcher's host logic: mask block lists, 64-bit offsets, batch chunking, configs.
+
+Kernel runs go through Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1 without a
+GPU) or the compiled kernel on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import check_against_reference, make_mask, make_qkv
+
+import fastattn
+from fastattn import configs, launcher
+from fastattn.configs import ForwardConfig
+from fastattn.dispatch import unsupported_reasons
+from fastattn.inputs import canonicalize
+from fastattn.reference import causal_keep
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _skip_without_kernel(dtype=torch.float32):
+    q = torch.zeros(1, 1, 1, 16, dtype=dtype, device=DEVICE)
+    reasons = unsupported_reasons("triton", canonicalize(q, q, q))
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def _brute_force_classes(keep: torch.Tensor, L: int, S: int, bm: int, bn: int, is_bool: bool) -> torch.Tensor:
+    """(.., cdiv(L, bm), cdiv(S, bn)) classes from a dense (.., L, S) keep matrix, tile by tile."""
+    nm, nn = math.ceil(L / bm), math.ceil(S / bn)
+    cls = torch.zeros(*keep.shape[:-2], nm, nn, dtype=torch.int8)
+    for i in range(nm):
+        for j in range(nn):
+            tile = keep[..., i * bm : (i + 1) * bm, j * bn : (j + 1) * bn]
+            any_ = tile.flatten(-2).any(-1)
+            all_ = tile.flatten(-2).all(-1) & ((j + 1) * bn <= S) if is_bool else torch.zeros_like(any_)
+            cls[..., i, j] = any_.to(torch.int8) * (1 + all_.to(torch.int8))
+    return cls
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape_name", ["b11s", "1hls", "l1", "bhls"])
+@pytest.mark.parametrize("causal", [None, 0, 5, -9])
+def test_mask_block_lists_match_brute_force(kind, shape_name, causal):
+    B, H, L, S, bm, bn = 2, 3, 37, 45, 16, 8
+    shape = {"b11s": (B, 1, 1, S), "1hls": (1, H, L, S), "l1": (1, 1, L, 1), "bhls": (B, H, L, S)}[shape_name]
+    mask = make_mask(shape, kind, keep=0.9)
+    if kind == "bool":
+        mask[..., : min(shape[-2], 3), :] = True  # some all-true tiles
+    keep = (mask if kind == "bool" else ~torch.isneginf(mask)).expand(B, H, L, S)
+    if causal is not None:
+        keep = keep & causal_keep(L, S, causal)
+    expected = _brute_force_classes(keep, L, S, bm, bn, kind == "bool")
+
+    counts, index = launcher.mask_block_lists(mask, L, S, bm, bn, causal)
+    counts = counts.expand(B, H, *counts.shape[2:]).long()
+    index = index.expand(B, H, *index.shape[2:]).long()
+    counts = counts.expand(B, H, expected.shape[2], 2)
+    index = index.expand(B, H, expected.shape[2], index.shape[-1])
+    for b in range(B):
+        for h in range(H):
+            for m in range(expected.shape[2]):
+                n_full, n_cut = counts[b, h, m].tolist()
+                listed = index[b, h, m].tolist()
+                assert sorted(listed[:n_full]) == torch.nonzero(expected[b, h, m] == 2).flatten().tolist()
+                assert sorted(listed[n_full : n_full + n_cut]) == torch.nonzero(expected[b, h, m] == 1).flatten().tolist()
+
+
+def test_causal_block_classes_brute_force():
+    for L, S, off in [(37, 45, 0), (37, 45, 8), (45, 37, -8), (5, 100, 95), (100, 5, -95)]:
+        keep = causal_keep(L, S, off)
+        expected = _brute_force_classes(keep, L, S, 16, 8, True)
+        got = launcher.causal_block_classes(L, S, 16, 8, off, "cpu")
+        # Tiles cut only by the end of S count as full here (the kernel checks S separately).
+        expected_full_ok = torch.where((expected == 1) & (got == 2), 2, expected)
+        assert torch.equal(got, expected_full_ok.to(got.dtype)), (L, S, off)
+
+
+def test_large_offsets_path(monkeypatch):
+    """The kernel's 64-bit key offsets (chosen when start_n * stride can pass 2**31) give the same answer."""
+    _skip_without_kernel()
+    monkeypatch.setattr(launcher, "_large_offsets", lambda *a: True)
+    q, k, v = (t.to(DEVICE) for t in make_qkv(1, 2, 1, 65, 97, 32, dtype=torch.float32))
+    mask = make_mask((1, 1, 1, 97), "bool").to(DEVICE)
+    for kwargs in ({"is_causal": True}, {"attn_mask": mask}):
+        out, lse = fastattn.attention(q, k, v, enable_gqa=True, return_lse=True, backend="triton", **kwargs)
+        check_against_reference("large offsets", out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), enable_gqa=True,
+                                **{n: t.cpu() if torch.is_tensor(t) else t for n, t in kwargs.items()})
+
+
+def test_large_offsets_flag_follows_strides():
+    q = torch.zeros(1, 1, 4, 16)
+    p = canonicalize(q, q, q)
+    assert not launcher._large_offsets(p, p.k, p.v, p.k)
+    huge = torch.empty(0, device="meta").as_strided((1, 1, 4, 16), (0, 0, 2**30, 1))
+    assert launcher._large_offsets(p, huge, p.v, p.k)
+
+
+def test_batch_launched_in_chunks(monkeypatch):
+    """Batches past CUDA's grid limit are launched in chunks; per-batch masks follow their chunk."""
+    _skip_without_kernel()
+    monkeypatch.setattr(launcher, "MAX_GRID_YZ", 2)
+    q, k, v = (t.to(DEVICE) for t in make_qkv(5, 1, 1, 9, 20, 16))
+    mask = make_mask((5, 1, 1, 20), "bool", dead_frac=0.2).to(DEVICE)
+    out, lse = fastattn.attention(q, k, v, mask, return_lse=True, backend="triton")
+    check_against_reference("chunked", out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), attn_mask=mask.cpu())
+
+
+def test_forward_config_is_replaceable():
+    """A user's config function is used by the launcher (here: 16 x 16 tiles), and can be undone."""
+    _skip_without_kernel()
+    seen = []
+
+    def tiny(head_dim, head_dim_v, dtype, capability, masked=False):
+        seen.append((head_dim, head_dim_v, dtype))
+        return ForwardConfig(16, 16, 4, 1)
+
+    q, k, v = (t.to(DEVICE) for t in make_qkv(1, 2, 2, 40, 50, 20, 24))
+    configs.set_forward_config(tiny)
+    try:
+        out, lse = fastattn.attention(q, k, v, is_causal=True, return_lse=True, backend="triton")
+    finally:
+        configs.set_forward_config(None)
+    assert seen == [(32, 32, torch.float32)]
+    assert configs.forward_config(64, 64, torch.float16, (9, 0)) == configs.default_forward_config(
+        64, 64, torch.float16, (9, 0)
+    )
+    check_against_reference("tiny tiles", out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), is_causal=True)
+
+
+def test_input_precision_follows_allow_tf32(monkeypatch):
+    q = torch.zeros(1, 1, 4, 16)
+    p = canonicalize(q, q, q)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert launcher._input_precision(p, interpret=False) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert launcher._input_precision(p, interpret=False) == "ieee"
+
+
+@pytest.mark.parametrize("E", [1, 16, 17, 100, 256])
+def test_padded_head_dim(E):
+    d = configs.padded_head_dim(E)
+    assert d >= max(16, E) and d & (d - 1) == 0 and d < 2 * max(16, E)
