@@ -27,28 +27,50 @@ def padded_head_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
+# (Hopper or newer, 16-bit inputs, head-dim bucket, tensor mask) -> (BLOCK_M, BLOCK_N, warps, stages).
+# Chosen as the largest tiles that compile without register spills (python -m fastattn.aot, triton
+# 3.9; the tests re-check every entry). Masked kernels load a (BLOCK_M, BLOCK_N) mask tile and
+# convert its layout, which costs registers: they get narrower key blocks. Not yet tuned by timing
+# on a GPU.
+_FORWARD_TABLE = {
+    (True, True, 64, False): (128, 128, 8, 3),
+    (True, True, 64, True): (128, 32, 8, 3),
+    (True, True, 128, False): (128, 64, 8, 3),
+    (True, True, 128, True): (64, 32, 8, 3),
+    (True, True, 256, False): (64, 16, 8, 3),
+    (True, True, 256, True): (64, 16, 8, 3),
+    (True, False, 64, False): (128, 32, 8, 3),
+    (True, False, 64, True): (128, 32, 8, 3),
+    (True, False, 128, False): (32, 32, 4, 3),
+    (True, False, 128, True): (32, 32, 4, 3),
+    (True, False, 256, False): (32, 32, 4, 3),
+    (True, False, 256, True): (32, 32, 4, 3),
+    (False, True, 64, False): (128, 128, 8, 2),
+    (False, True, 64, True): (128, 32, 8, 2),
+    (False, True, 128, False): (64, 64, 4, 2),
+    (False, True, 128, True): (64, 32, 8, 2),
+    (False, True, 256, False): (64, 32, 8, 2),
+    (False, True, 256, True): (64, 32, 8, 2),
+    (False, False, 64, False): (128, 32, 8, 2),
+    (False, False, 64, True): (128, 32, 8, 2),
+    (False, False, 128, False): (64, 32, 8, 2),
+    (False, False, 128, True): (128, 32, 8, 2),
+    (False, False, 256, False): (32, 32, 4, 2),
+    (False, False, 256, True): (32, 16, 4, 2),
+}
+
+
 def default_forward_config(
     head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
 ) -> ForwardConfig:
     """The built-in choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
-    d = max(head_dim, head_dim_v)
     if capability is None:
         # The interpreter runs each program in numpy: small tiles exercise the multi-block logic
         # on short test sequences, and cost little.
         return ForwardConfig(32, 32, 4, 1)
-    hopper = capability[0] >= 9
-    if dtype == torch.float32:
-        # fp32 tiles take twice the shared memory and registers of fp16/bf16 ones.
-        if d <= 64:
-            return ForwardConfig(64, 64, 4, 3 if hopper else 2)
-        if d <= 128:
-            return ForwardConfig(64, 32, 4, 2)
-        return ForwardConfig(32, 32, 4, 2)
-    if d <= 64:
-        return ForwardConfig(128, 64, 4, 4 if hopper else 3)
-    if d <= 128:
-        return ForwardConfig(128, 64, 8, 3 if hopper else 2)
-    return ForwardConfig(64, 64, 8 if hopper else 4, 2)
+    bucket = next(b for b in (64, 128, 256) if max(head_dim, head_dim_v) <= b)
+    key = (capability[0] >= 9, dtype != torch.float32, bucket, masked)
+    return ForwardConfig(*_FORWARD_TABLE[key])
 
 
 FORWARD_CONFIG_SPACE = [

@@ -9,6 +9,7 @@ and sum, so no (L, S) matrix is ever allocated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -168,6 +169,9 @@ def tiled_attention(
 
 def cpu_fallback_attention(p: Problem, return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles."""
+    if p.causal_offset is not None and p.causal_offset >= p.seqlen_k - 1:
+        # Every query sees every key (e.g. one decoding step, bottom-right): causality is a no-op.
+        p = dataclasses.replace(p, causal_offset=None)
     if not sdpa_cpu_reasons(p):
         return _sdpa_cpu(p)
     return tiled_attention(p)

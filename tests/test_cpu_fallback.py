@@ -37,12 +37,12 @@ def run_tiled(case, dtype, block_m, block_n, tile_elements):
     check_against_reference(f"{case.id} tiled {block_m}x{block_n}/{tile_elements}", out, lse, q, k, v, **kwargs)
 
 
-# Tiny blocks make thousands of tiles on the long cases; the other blockings cover those.
+# Tiny blocks make hundreds of tiles on the longer cases; the other blockings cover those.
 TILED = [
     pytest.param(case, blocking, id=f"{case.id}-{blocking[0]}")
     for case in PARITY_CASES
     for blocking in BLOCKINGS
-    if blocking[0] != "b13x7" or case.L * case.S <= 20_000
+    if blocking[0] != "b13x7" or case.L * case.S <= 5_000
 ]
 
 
@@ -155,6 +155,7 @@ MEMORY_SCRIPT = textwrap.dedent(
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
     N = {N}
+    torch.set_num_threads(1)  # memory, not speed: one thread keeps a busy machine from stretching it
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, N, 64) for _ in range(3))
     pad = torch.rand(1, 1, 1, N) < 0.9
