@@ -80,7 +80,16 @@ def forward_source(dtype: torch.dtype, head_dim: int, head_dim_v: int, config: F
     is_causal, mask_kind, check_m, check_n, check_e, check_ev = VARIANTS[variant]
     t = _TRITON_DTYPE[dtype]
     mask_t = {0: "i32", 1: "u8", 2: t}[mask_kind]
-    pointers = {"Out": t, "Lse": "fp32", "Q": t, "K": t, "V": t, "Mask": mask_t, "BlockCount": "i32", "BlockIndex": "i32"}
+    pointers = {
+        "Out": t,
+        "Lse": "fp32",
+        "Q": t,
+        "K": t,
+        "V": t,
+        "Mask": mask_t,
+        "BlockCount": "i32",
+        "BlockIndex": "i32",
+    }
     constexprs = {
         "HEAD_DIM": head_dim,
         "HEAD_DIM_V": head_dim_v,
@@ -111,7 +120,9 @@ def forward_source(dtype: torch.dtype, head_dim: int, head_dim_v: int, config: F
         else:
             signature[name] = "i32"
     # Pointers and row strides are 16-byte aligned in the common case (what triton would specialise).
-    aligned = [n for n in kernel.arg_names if n in pointers or n in ("stride_qm", "stride_kn", "stride_vn", "stride_om")]
+    aligned = [
+        n for n in kernel.arg_names if n in pointers or n in ("stride_qm", "stride_kn", "stride_vn", "stride_om")
+    ]
     attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
@@ -141,7 +152,11 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int, bool]:
 
 
 def compile_forward(
-    dtype: torch.dtype, head_dim: int, head_dim_v: int, arch: int, variant: str = "plain",
+    dtype: torch.dtype,
+    head_dim: int,
+    head_dim_v: int,
+    arch: int,
+    variant: str = "plain",
     config: ForwardConfig | None = None,
 ) -> CompileReport:
     """Compile one forward specialisation for sm_<arch> and report its resource use."""
@@ -158,10 +173,22 @@ def compile_forward(
     )
     regs, st, ld, stack, hgmma = _resource_usage(compiled.asm["cubin"])
     return CompileReport(
-        arch=arch, dtype=_TRITON_DTYPE[dtype], head_dim=head_dim, head_dim_v=head_dim_v,
-        block_m=config.block_m, block_n=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-        variant=variant, registers=regs, spill_stores=st, spill_loads=ld, stack_bytes=stack,
-        shared_bytes=compiled.metadata.shared, shared_limit=SHARED_MEMORY_LIMIT[arch], hgmma=hgmma,
+        arch=arch,
+        dtype=_TRITON_DTYPE[dtype],
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        block_m=config.block_m,
+        block_n=config.block_n,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+        variant=variant,
+        registers=regs,
+        spill_stores=st,
+        spill_loads=ld,
+        stack_bytes=stack,
+        shared_bytes=compiled.metadata.shared,
+        shared_limit=SHARED_MEMORY_LIMIT[arch],
+        hgmma=hgmma,
     )
 
 
@@ -209,7 +236,9 @@ def main(argv=None) -> int:
         for v in variants
     ]
     if not args.json:
-        print("| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |")
+        print(
+            "| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     bad = 0
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -19,6 +19,7 @@ from .inputs import Problem, lse_dtype
 DEFAULT_BLOCK_M = 256
 DEFAULT_BLOCK_N = 512
 DEFAULT_TILE_ELEMENTS = 1 << 18  # a 1 MiB fp32 score tile: the L2 cache of one core
+MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -50,12 +51,22 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
 
 def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     mask = p.mask
+    rows = p.seqlen_q
     if mask is not None and mask.dtype == torch.bool:
-        # The op takes additive masks only; converted at the mask's own (broadcast) size.
-        mask = torch.zeros(mask.shape, dtype=p.dtype).masked_fill_(~mask, float("-inf"))
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        p.q, p.k, p.v, 0.0, p.causal_offset is not None, attn_mask=mask, scale=p.scale
-    )
+        # The op takes additive masks only: converted at the mask's own (broadcast) size, and for
+        # a mask with a query dim, a block of query rows at a time so the copy stays small.
+        if mask.shape[2] > 1:
+            row_bytes = mask[:, :, :1].numel() * mask.new_empty((), dtype=p.dtype).element_size()
+            rows = max(1, min(rows, MASK_BLOCK_BYTES // row_bytes))
+    if rows >= p.seqlen_q:
+        out, lse = _sdpa_cpu_rows(p, mask)
+    else:
+        out = torch.empty(p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, dtype=p.dtype, device=p.device)
+        lse = torch.empty(p.batch, p.heads_q, p.seqlen_q, dtype=lse_dtype(p.dtype), device=p.device)
+        for r0 in range(0, p.seqlen_q, rows):
+            r = slice(r0, r0 + rows)
+            block = dataclasses.replace(p, q=p.q[:, :, r], mask=mask[:, :, r])
+            out[:, :, r], lse[:, :, r] = _sdpa_cpu_rows(block, block.mask)
     lse = lse.to(lse_dtype(p.dtype))
     if p.mask is not None:
         # The op returns out = 0 but lse = 0 for rows with no key; fastattn promises lse = -inf.
@@ -65,6 +76,14 @@ def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
             lse = lse.masked_fill(dead, float("-inf"))
             out = out.masked_fill(dead[..., None], 0.0)
     return out, lse
+
+
+def _sdpa_cpu_rows(p: Problem, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=p.dtype, device=p.device).masked_fill_(~mask, float("-inf"))
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        p.q, p.k, p.v, 0.0, p.causal_offset is not None, attn_mask=mask, scale=p.scale
+    )
 
 
 def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tuple[slice, slice]]:
@@ -92,8 +111,8 @@ def tiled_attention(
     Query blocks of `block_m` rows meet key/value blocks of `block_n` positions; (batch, head)
     pairs are taken a chunk at a time so that a score tile holds about `tile_elements` values
     (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
-    K and V are not repeated. Extra memory: the score tile, K and V in the compute dtype, and the
-    output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
+    K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
+    dtype, and the output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
     because exp2 is about twice as fast as exp on CPU.
     """
     B, Hq, L, E = p.q.shape
@@ -103,10 +122,6 @@ def tiled_attention(
     off = p.causal_offset
     qk_scale = p.scale * LOG2E
     neg_inf = -math.inf
-    # Converted once (a copy of the inputs' size at most), so the inner loop never converts; the
-    # contiguous (B, Hkv, S, D) layout lets every chunk's (batch, head) dims merge into one.
-    k = p.k.to(cdt).contiguous()
-    v = p.v.to(cdt).contiguous()
     q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
     lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
@@ -117,7 +132,10 @@ def tiled_attention(
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
-        k_c, v_c = k[bs, hs], v[bs, hs]
+        # The chunk's K and V, converted once (no copy for contiguous fp32) and laid out so that
+        # its (batch, head) dims merge: the inner loop never converts or copies.
+        k_c = p.k[bs, hs].to(cdt).contiguous()
+        v_c = p.v[bs, hs].to(cdt).contiguous()
         mask_c = None
         if mask5 is not None:
             mask_c = mask5[bs if mask5.shape[0] > 1 else slice(None), hs if mask5.shape[1] > 1 else slice(None)]

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import torch
 
 
-
 def _is_causal_bias(obj) -> bool:
     """Is `obj` SDPA's torch.nn.attention.bias.CausalBias? Checked without importing that module:
     importing it pulls in torch._dynamo and triton, and triton's interpreter mode is fixed at import."""
     return any(c.__name__ == "CausalBias" and c.__module__ == "torch.nn.attention.bias" for c in type(obj).__mro__)
+
 
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -99,9 +99,7 @@ def _check_tensor(name: str, t) -> None:
     if t.dim() < 2:
         raise ValueError(f"{name} must have at least 2 dims (..., L, E), got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (float64 on CPU backends)"
-        )
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (float64 on CPU backends)")
     if t.is_sparse or getattr(t, "is_nested", False):
         raise TypeError(f"{name} must be a dense strided tensor")
 
@@ -125,16 +123,13 @@ def _normalize_mask(mask: torch.Tensor, q: torch.Tensor, batch_shape, Hq: int, L
     """Return the mask as a 4-D view (Bm, Hm, Lm, Sm), each dim 1 or the full size."""
     target = (*batch_shape, Hq, L, S)
     if mask.dim() > len(target):
-        raise ValueError(
-            f"attn_mask has shape {tuple(mask.shape)}, more dims than the scores {target}"
-        )
+        raise ValueError(f"attn_mask has shape {tuple(mask.shape)}, more dims than the scores {target}")
     try:
         if torch.broadcast_shapes(mask.shape, target) != torch.Size(target):
             raise RuntimeError
     except RuntimeError:
         raise ValueError(
-            f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape "
-            f"(..., Hq, L, S) = {target}"
+            f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the scores' shape (..., Hq, L, S) = {target}"
         ) from None
     mask = mask.reshape((1,) * (len(target) - mask.dim()) + tuple(mask.shape)) if mask.dim() < len(target) else mask
     nb = len(batch_shape)
@@ -165,9 +160,7 @@ def canonicalize(
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
     if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(
-            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
         raise ValueError(
             f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
@@ -182,8 +175,7 @@ def canonicalize(
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0:
         raise NotImplementedError(
-            "dropout_p > 0 is not implemented yet in fastattn (planned in a later release); "
-            "pass dropout_p=0.0"
+            "dropout_p > 0 is not implemented yet in fastattn (planned in a later release); pass dropout_p=0.0"
         )
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):

@@ -27,9 +27,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def causal_block_classes(
-    L: int, S: int, block_m: int, block_n: int, offset: int, device
-) -> torch.Tensor:
+def causal_block_classes(L: int, S: int, block_m: int, block_n: int, offset: int, device) -> torch.Tensor:
     """(cdiv(L, block_m), cdiv(S, block_n)) int8: which tiles causality removes, cuts or keeps whole."""
     m0 = torch.arange(0, L, block_m, device=device)[:, None]
     n0 = torch.arange(0, S, block_n, device=device)[None, :]
@@ -89,9 +87,7 @@ def _input_precision(p: Problem, interpret: bool) -> str:
     return "ieee" if interpret else "tf32"  # ignored for 16-bit operands
 
 
-def triton_attention_forward(
-    p: Problem, config: ForwardConfig | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_attention_forward(p: Problem, config: ForwardConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the fused forward kernel: (out (B, Hq, L, Ev) in the input dtype, lse (B, Hq, L) fp32).
 
     The kernel is compiled for the GPU, or run by Triton's interpreter when the process has it on
@@ -138,20 +134,33 @@ def triton_attention_forward(
         for b0 in range(0, B, MAX_GRID_YZ):
             b1 = min(B, b0 + MAX_GRID_YZ)
 
-            def rows(t: torch.Tensor) -> torch.Tensor:
-                return t[b0:b1] if t.shape[0] > 1 else t
-
-            mk, ct, ix = rows(mask), rows(counts), rows(index)
+            # Per-batch masks and block lists follow the chunk; broadcast ones (batch dim 1) stay.
+            mk, ct, ix = (t[b0:b1] if t.shape[0] > 1 else t for t in (mask, counts, index))
             grid = (m_blocks, Hq, b1 - b0)
             forward_kernels.attention_forward_kernel[grid](
-                out[b0:b1], lse[b0:b1], q[b0:b1], k[b0:b1], v[b0:b1], mk, ct, ix,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                out[b0:b1],
+                lse[b0:b1],
+                q[b0:b1],
+                k[b0:b1],
+                v[b0:b1],
+                mk,
+                ct,
+                ix,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *out.stride(),
                 *_broadcast_strides(mk),
                 *_broadcast_strides(ct)[:3],
                 *_broadcast_strides(ix)[:3],
-                Hq, p.group, L, S, E, Ev,
-                qk_scale, p.causal_offset or 0,
+                Hq,
+                p.group,
+                L,
+                S,
+                E,
+                Ev,
+                qk_scale,
+                p.causal_offset or 0,
                 **launch,
             )
     return out, lse
-

@@ -26,7 +26,11 @@ def _compile(*args: str) -> list[dict]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "fastattn.aot", "--json", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=3000,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=3000,
     )
     if proc.returncode not in (0, 1):
         pytest.fail(f"fastattn.aot failed:\n{proc.stderr[-4000:]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARITY_CASES, attention_arguments, check_against_reference, make_qkv, sweep_cases
+from helpers import PARITY_CASES, attention_arguments, check_against_reference, make_mask, make_qkv, sweep_cases
 from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
@@ -134,6 +134,19 @@ def test_sdpa_path_matches_oracle(case, dtype):
     check_against_reference(f"{case.id} sdpa", out, lse, q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 1, 37, 50), (37, 50), (1, 4, 37, 1)], ids=["b1ls", "ls", "1hl1"])
+def test_sdpa_path_converts_bool_masks_in_row_blocks(shape, dtype, monkeypatch):
+    """A bool mask with a query dim becomes an additive one a few rows at a time (here 1 to 5)."""
+    q, k, v = make_qkv(2, 4, 2, 37, 50, 32, dtype=dtype)
+    mask = make_mask(shape, "bool", keep=0.6, dead_frac=0.2)
+    p = canonicalize(q, k, v, mask, enable_gqa=True)
+    row_bytes = p.mask[:, :, :1].numel() * q.element_size()
+    monkeypatch.setattr(cpu_fallback, "MASK_BLOCK_BYTES", 5 * row_bytes - 1)
+    out, lse = p.restore(*cpu_fallback._sdpa_cpu(p))
+    check_against_reference(f"row-blocks {shape}", out, lse, q, k, v, attn_mask=mask, enable_gqa=True)
+
+
 # --- memory: no (L, S) matrix at L = S = 16384 ---------------------------------------------------
 
 N = 16384
@@ -159,10 +172,13 @@ MEMORY_SCRIPT = textwrap.dedent(
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, N, 64) for _ in range(3))
     pad = torch.rand(1, 1, 1, N) < 0.9
+    full = torch.ones(N, N, dtype=torch.bool)  # the caller's own (L, S) mask: 256 MiB before we start
+    full[:, ::7] = False  # (built in place: a temporary would raise the high-water mark for good)
     cases = {{
         "sdpa": lambda: fastattn.attention(q, k, v, backend="cpu"),
         "sdpa-causal": lambda: fastattn.attention(q, k, v, is_causal=True, backend="cpu"),
         "sdpa-padding-mask": lambda: fastattn.attention(q, k, v, pad, backend="cpu"),
+        "sdpa-full-bool-mask": lambda: fastattn.attention(q, k, v, full, backend="cpu"),
         "tiled": lambda: cpu_fallback.tiled_attention(canonicalize(q, k, v)),
         "tiled-causal_br": lambda: fastattn.attention(
             q[:, :, : N - 384], k, v, causal_lower_right(N - 384, N), backend="cpu"),
@@ -206,7 +222,15 @@ def memory_growth() -> dict[str, int]:
 
 @pytest.mark.parametrize(
     "name",
-    ["sdpa", "sdpa-causal", "sdpa-padding-mask", "tiled", "tiled-causal_br", "tiled-causal-padding-mask"],
+    [
+        "sdpa",
+        "sdpa-causal",
+        "sdpa-padding-mask",
+        "sdpa-full-bool-mask",
+        "tiled",
+        "tiled-causal_br",
+        "tiled-causal-padding-mask",
+    ],
 )
 def test_no_ls_matrix_at_16k(memory_growth, name):
     assert memory_growth[name] < LS_BYTES / 8, f"{name}: {memory_growth[name] / 2**20:.0f} MiB"

@@ -67,7 +67,9 @@ def test_mask_block_lists_match_brute_force(kind, shape_name, causal):
                 n_full, n_cut = counts[b, h, m].tolist()
                 listed = index[b, h, m].tolist()
                 assert sorted(listed[:n_full]) == torch.nonzero(expected[b, h, m] == 2).flatten().tolist()
-                assert sorted(listed[n_full : n_full + n_cut]) == torch.nonzero(expected[b, h, m] == 1).flatten().tolist()
+                assert (
+                    sorted(listed[n_full : n_full + n_cut]) == torch.nonzero(expected[b, h, m] == 1).flatten().tolist()
+                )
 
 
 def test_causal_block_classes_brute_force():
@@ -88,8 +90,16 @@ def test_large_offsets_path(monkeypatch):
     mask = make_mask((1, 1, 1, 97), "bool").to(DEVICE)
     for kwargs in ({"is_causal": True}, {"attn_mask": mask}):
         out, lse = fastattn.attention(q, k, v, enable_gqa=True, return_lse=True, backend="triton", **kwargs)
-        check_against_reference("large offsets", out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), enable_gqa=True,
-                                **{n: t.cpu() if torch.is_tensor(t) else t for n, t in kwargs.items()})
+        check_against_reference(
+            "large offsets",
+            out.cpu(),
+            lse.cpu(),
+            q.cpu(),
+            k.cpu(),
+            v.cpu(),
+            enable_gqa=True,
+            **{n: t.cpu() if torch.is_tensor(t) else t for n, t in kwargs.items()},
+        )
 
 
 def test_large_offsets_flag_follows_strides():
