@@ -106,25 +106,30 @@ def check_against_reference(
         assert_close_to_oracle(f"{name} lse", lse, oracle_lse, base_lse, dtype=query.dtype)
 
 
+# Memory order of each layout, as a permutation of (B, H, N, D).
+LAYOUTS = {"bhld": (0, 1, 2, 3), "blhd": (0, 2, 1, 3), "bhdl": (0, 1, 3, 2)}
+
+
 def _strided(shape: tuple[int, ...], layout: str, pad: int, std: float, dtype: torch.dtype) -> torch.Tensor:
     """A (B, H, N, D) tensor of N(0, std^2) values in `layout`, optionally inside a NaN buffer.
 
     layout "bhld": a contiguous (B, H, N, D) tensor. "blhd": a (B, N, H, D) tensor transposed to
     (B, H, N, D), so heads and positions are not contiguous (the usual projection output).
+    "bhdl": a (B, H, D, N) tensor transposed, so even the head dim is strided.
     pad > 0: the storage is a NaN-filled buffer `pad` larger on each side of every dim, so any
     out-of-bounds read brings NaN into the result.
     """
-    B, H, N, D = shape
-    stored = (B, H, N, D) if layout == "bhld" else (B, N, H, D)
-    if layout not in ("bhld", "blhd"):
-        raise ValueError(f"layout must be 'bhld' or 'blhd', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    order = LAYOUTS[layout]
+    stored = tuple(shape[i] for i in order)
     values = (torch.randn(stored) * std).to(dtype)
     if pad:
         buffer = torch.full([s + 2 * pad for s in stored], math.nan, dtype=dtype)
         view = buffer[tuple(slice(pad, pad + s) for s in stored)]
         view.copy_(values)
         values = view
-    return values if layout == "bhld" else values.transpose(1, 2)
+    return values.permute(*(order.index(i) for i in range(4)))
 
 
 def make_qkv(
@@ -263,6 +268,8 @@ PARITY_CASES = [
     Case(65, 129, 128, Hq=4, Hkv=1, causal="br", large=True),
     Case(63, 65, 16, 256, mask="float_11ls", large=True),
     Case(7, 1000, 256, 32, B=2, Hq=2, Hkv=2, mask="bool_b11s"),
+    Case(64, 127, 64, B=2, Hq=4, Hkv=2, mask="float_b11s", layout="bhdl"),  # head dim strided
+    Case(65, 17, 40, 96, Hq=2, Hkv=2, causal="tl", layout="bhdl", nan_pad=1),
     Case(17, 17, 1, 3, Hq=2, Hkv=2, causal="tl"),  # the smallest head dims
     Case(63, 127, 80, B=2, Hq=2, Hkv=1, causal="tl", mask="bool_b11s", layout="blhd", nan_pad=3),
     Case(129, 64, 32, B=2, Hq=2, Hkv=2, mask="float_bhls", dead=0.2, nan_pad=2),
@@ -287,7 +294,7 @@ def sweep_cases() -> list[Case]:
                 Hkv=hkv,
                 causal=causal,
                 mask=None if causal == "br" else masks[i % 5],
-                layout=("bhld", "blhd")[i % 2],
+                layout=("bhld", "blhd", "bhdl")[(i // 3) % 3],
             )
         )
     return cases

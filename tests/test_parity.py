@@ -71,7 +71,7 @@ def test_cases_cover_the_matrix():
     assert {c.mask.split("_")[0] for c in PARITY_CASES if c.mask} == {"bool", "float"}
     assert any(c.Hkv == 1 < c.Hq for c in PARITY_CASES) and any(1 < c.Hkv < c.Hq for c in PARITY_CASES)
     assert (
-        any(c.layout == "blhd" for c in PARITY_CASES)
+        {c.layout for c in PARITY_CASES} >= {"blhd", "bhdl"}
         and any(c.large for c in PARITY_CASES)
         and any(c.dead for c in PARITY_CASES)
     )
