@@ -142,13 +142,18 @@ def test_forward_config_is_replaceable():
     check_against_reference("tiny tiles", out.cpu(), lse.cpu(), q.cpu(), k.cpu(), v.cpu(), is_causal=True)
 
 
-def test_input_precision_follows_allow_tf32(monkeypatch):
+def test_input_precision_follows_allow_tf32():
     q = torch.zeros(1, 1, 4, 16)
     p = canonicalize(q, q, q)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert launcher._input_precision(p, interpret=False) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert launcher._input_precision(p, interpret=False) == "ieee"
+    matmul = torch.backends.cuda.matmul  # a module proxy: monkeypatch cannot restore its flags
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = True
+        assert launcher._input_precision(p, interpret=False) == "tf32"
+        matmul.allow_tf32 = False
+        assert launcher._input_precision(p, interpret=False) == "ieee"
+    finally:
+        matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("E", [1, 16, 17, 100, 256])

@@ -1,0 +1,109 @@
+"""The correctness gate: a provider is timed only after its answer matches the reference.
+
+The rule is the project's error-ratio rule (CONVENTIONS.md, tests/helpers.py): for each checked
+tensor (the output; with a backward mode also dQ, dK, dV),
+
+    max|x - oracle| <= 2 * max|baseline - oracle| + FLOOR[dtype] * max(1, max|oracle|)
+
+where the oracle is ``fastattn.reference`` computed in float64 from the same inputs, and the
+baseline is the same reference computed in the inputs' dtype (what plain PyTorch gets in that
+precision). NaN or inf where the oracle is finite always fails.
+
+The check runs on fresh random inputs of the case itself, or, when its score matrix is larger than
+``GATE_MAX_SCORES[device]``, on a reduced copy (:meth:`Case.reduced`: same D, dtype, causality and
+GQA group; B = 1, fewer heads and shorter sequences), so the float64 oracle stays affordable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fastattn import reference
+
+from .providers import Call
+from .sweep import Case
+
+# Float64 scores the oracle may materialise (it keeps several (B, Hq, L, S) matrices, more with grads).
+GATE_MAX_SCORES = {"cpu": 2**22, "cuda": 2**26}
+# The floor in units of max(1, max|oracle|): an ulp at 1.0 for fp16/bf16, ~80 fp32 ulps for float32.
+FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5, torch.float64: 1e-12}
+GATE_SEED = 1234  # fresh inputs, not the timed ones
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """The worst checked tensor: its name, error and bound; where the check ran; why it failed."""
+
+    tensor: str
+    max_err: float
+    bound: float
+    checked_on: str  # "full" or the label of the reduced case
+    failure: str | None  # None when every tensor is within its bound
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+def max_abs_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max|x - oracle| over the oracle's finite entries; inf if x is NaN or inf there."""
+    x, oracle = x.detach().double(), oracle.detach().double()
+    finite = torch.isfinite(oracle)
+    if not finite.any():
+        return 0.0
+    diff = (x[finite] - oracle[finite]).abs()
+    return diff.max().item() if torch.isfinite(diff).all() else math.inf
+
+
+def _forward_and_grads(
+    fn: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """[out] or, with an output gradient do, [out, dq, dk, dv]."""
+    out = fn(q, k, v)
+    if do is None:
+        return [out.detach()]
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), do)]
+
+
+def _leaves(tensors: Sequence[torch.Tensor], dtype: torch.dtype, grad: bool) -> list[torch.Tensor]:
+    return [t.detach().to(dtype).requires_grad_(grad) for t in tensors]
+
+
+def check(call_for: Callable[[Case], Call], case: Case, mode: str, device: str) -> GateResult:
+    """Run the provider on fresh inputs of `case` (or of its reduced copy) and apply the rule.
+
+    call_for(case) -> the provider's call for that case (a reduced case may need its own setup,
+    such as a block mask). Exceptions from the provider propagate: the runner turns them into rows.
+    Returns the first failing tensor, or when all pass the one closest to its bound.
+    """
+    small = case.reduced(GATE_MAX_SCORES[device])
+    checked_on = "full" if small == case else small.label
+    grad = mode != "fwd"
+    q, k, v = small.inputs(device, GATE_SEED)
+    do = torch.randn_like(q) if grad else None
+
+    def run(fn: Call, dtype: torch.dtype) -> list[torch.Tensor]:
+        return _forward_and_grads(fn, *_leaves((q, k, v), dtype, grad), None if do is None else do.to(dtype))
+
+    with torch.enable_grad():
+        got = run(call_for(small), small.dtype)
+        ref = lambda q, k, v: reference.attention(q, k, v, is_causal=small.causal, enable_gqa=small.gqa)
+        oracle = run(ref, torch.float64)
+        baseline = run(ref, small.dtype)
+
+    results = []
+    for name, x, o, b in zip(("out", "dq", "dk", "dv"), got, oracle, baseline):
+        if tuple(x.shape) != tuple(o.shape):
+            return GateResult(name, math.inf, 0.0, checked_on, f"{name} has shape {tuple(x.shape)}, not {tuple(o.shape)}")
+        err = max_abs_error(x, o)
+        magnitude = max(1.0, o.abs().max().item()) if o.numel() else 1.0
+        bound = 2 * max_abs_error(b, o) + FLOOR[small.dtype] * magnitude
+        if not err <= bound:
+            failure = f"{name}: max|err| {err:.2e} > bound {bound:.2e} against the float64 reference"
+            return GateResult(name, err, bound, checked_on, failure)
+        results.append(GateResult(name, err, bound, checked_on, None))
+    return max(results, key=lambda r: r.max_err / r.bound)
