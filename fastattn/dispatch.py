@@ -7,7 +7,6 @@ that cannot raises :class:`BackendUnavailable` with all its reasons.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ class BackendUnavailable(ValueError):
     """An explicitly requested backend cannot serve the call; the message lists every reason."""
 
 
-@functools.cache
 def triton_import_error() -> str | None:
     """Why `import triton` fails here, or None when it works."""
     try:

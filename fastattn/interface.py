@@ -6,10 +6,7 @@ import torch
 
 from .dispatch import choose_backend
 from .inputs import canonicalize, empty_result
-
-
-def _needs_grad(p) -> bool:
-    return any(t is not None and t.requires_grad for t in (p.q, p.k, p.v, p.mask))
+from .ops import attention_forward
 
 
 def attention(
@@ -68,9 +65,13 @@ def attention(
 
     Returns out, or (out, lse) when return_lse=True.
 
-    Gradients: this release is forward-only. With grad mode on and an input that requires grad,
-    every backend but "reference" raises NotImplementedError rather than return a result that
-    autograd cannot differentiate.
+    Gradients: query, key, value and a float attn_mask are differentiable (lse too, when it
+    takes part in the loss). The backward recomputes the scores block by block from the saved
+    lse (O(L) extra memory); the Triton backward runs without atomics, so repeated backward
+    passes are bitwise identical. A float mask that requires grad gets its gradient summed over
+    its broadcast dims, through the slower PyTorch tiled backward. Double backward raises.
+    ``fastattn::forward`` and ``fastattn::backward`` are torch.library custom ops, so
+    torch.compile traces the call without graph breaks.
 
     Raises TypeError / ValueError naming the argument for bad input (ranks, batch dims, head
     counts, head dims, dtypes, devices, mask shape or dtype, dropout_p).
@@ -79,13 +80,9 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     chosen = choose_backend(backend, p)
-    if chosen.name != "reference" and torch.is_grad_enabled() and _needs_grad(p):
-        raise NotImplementedError(
-            "fastattn 0.1 has no backward pass yet (it comes in 0.2): call it under torch.no_grad() or "
-            "torch.inference_mode(), detach the inputs, or use backend='reference' (differentiable, O(L*S) memory)"
-        )
-    result = empty_result(p)
-    if result is None:
-        result = chosen.run(p, return_lse)
+    if chosen.name == "reference":  # plain PyTorch ops: autograd differentiates them directly
+        result = empty_result(p) or chosen.run(p, return_lse)
+    else:
+        result = attention_forward(p.q, p.k, p.v, p.mask, p.causal_offset, p.scale, chosen.name)
     out, lse = p.restore(*result)
     return (out, lse) if return_lse else out

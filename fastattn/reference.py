@@ -5,6 +5,8 @@ It materialises the full (..., Hq, L, S) score matrix, so it is only for small p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .inputs import Problem, canonicalize, empty_result
@@ -45,11 +47,12 @@ def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weigh
         out = out.to(dtype)
     else:
         scores = problem_scores(p, dtype)
-        lse = torch.logsumexp(scores, dim=-1)
-        dead = torch.isneginf(lse)
-        # A row with nothing to attend to gets zero weights (softmax of all -inf would be NaN).
-        weights = torch.softmax(scores.masked_fill(dead[..., None], 0.0), dim=-1)
-        weights = weights.masked_fill(dead[..., None], 0.0)
+        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        # A row with nothing to attend to gets zero weights and lse = -inf (softmax and logsumexp
+        # of all -inf would be NaN, in the values or in their gradients).
+        live = scores.masked_fill(dead, 0.0)
+        lse = torch.logsumexp(live, dim=-1).masked_fill(dead[..., 0], -math.inf)
+        weights = torch.softmax(live, dim=-1).masked_fill(dead, 0.0)
         v = p.v.to(dtype)
         if p.group > 1:
             v = v.repeat_interleave(p.group, dim=1)

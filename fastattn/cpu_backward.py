@@ -1,0 +1,107 @@
+"""The PyTorch backward: FlashAttention-2's recompute scheme in PyTorch ops, on any device.
+
+From the saved lse, each (query block, key block) tile recomputes P = exp(S - lse) and adds its
+share of dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K * scale, dK = dS^T Q * scale, where
+delta = rowsum(dO * O) - dlse. Memory beyond inputs, outputs and gradients is the score tiles
+(B * Hq * block_m * block_n) and O(L) row statistics: never an (L, S) matrix, except dmask itself
+when a float mask asks for its gradient (then of the mask's own, broadcast, shape).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .inputs import Problem
+
+DEFAULT_BLOCK_M = 128
+DEFAULT_BLOCK_N = 256
+
+
+def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum `t` over the dims where `shape` has size 1 (the mask's broadcast dims)."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and t.shape[d] != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def tiled_attention_backward(
+    p: Problem,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None = None,
+    mask_grad: bool = False,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(dq, dk, dv, dmask) of a canonical problem from its out (B, Hq, L, Ev) and lse (B, Hq, L).
+
+    dlse: the gradient flowing into lse (a loss that uses lse), or None. mask_grad: also return
+    the gradient of the float mask, summed over its broadcast dims (else dmask is None). Rows with
+    no key to attend to (lse = -inf) get zero gradients. Query heads that share a KV head are
+    stacked into one matrix product, so dK and dV sum over the group without repeating K or V.
+    """
+    B, Hq, L, E = p.q.shape
+    Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
+    cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+    off, scale = p.causal_offset, p.scale
+    q5 = p.q.reshape(B, Hkv, G, L, E).to(cdt)
+    do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
+    k, v = p.k.to(cdt), p.v.to(cdt)
+    # Rows with no key have lse = -inf: +inf there makes exp(S - lse) = 0 instead of NaN.
+    lse5 = lse.reshape(B, Hkv, G, L).to(cdt).masked_fill(torch.isneginf(lse.reshape(B, Hkv, G, L)), math.inf)
+    delta5 = (do5 * out.reshape(B, Hkv, G, L, Ev).to(cdt)).sum(-1)
+    if dlse is not None:
+        delta5 = delta5 - dlse.reshape(B, Hkv, G, L).to(cdt)
+    mask5 = None
+    if p.mask is not None:
+        Bm, Hm, Lm, Sm = p.mask.shape
+        mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
+    dmask = torch.zeros(p.mask.shape, dtype=cdt, device=p.device) if mask_grad else None
+
+    dq = torch.zeros(B, Hkv, G, L, E, dtype=cdt, device=p.device)
+    dk = torch.empty(B, Hkv, S, E, dtype=cdt, device=p.device)
+    dv = torch.empty(B, Hkv, S, Ev, dtype=cdt, device=p.device)
+    for n0 in range(0, S, block_n):
+        n1 = min(n0 + block_n, S)
+        bn = n1 - n0
+        kb, vb = k[:, :, n0:n1], v[:, :, n0:n1]
+        dk_acc = torch.zeros(B, Hkv, bn, E, dtype=cdt, device=p.device)
+        dv_acc = torch.zeros(B, Hkv, bn, Ev, dtype=cdt, device=p.device)
+        # Query rows above this block's causal diagonal see none of its keys: start below it.
+        first_row = 0 if off is None else max(0, n0 - off)
+        cols = torch.arange(n0, n1, device=p.device)[None, :]
+        for m0 in range(first_row - first_row % block_m, L, block_m):
+            m1 = min(m0 + block_m, L)
+            bm = m1 - m0
+            qb = q5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, E)
+            dob = do5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, Ev)
+            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
+            s5 = s.view(B, Hkv, G, bm, bn)
+            if mask5 is not None:
+                rows_sel = slice(m0, m1) if mask5.shape[3] > 1 else slice(None)
+                mb = mask5[..., rows_sel, n0:n1] if mask5.shape[4] > 1 else mask5[..., rows_sel, :]
+                if mb.dtype == torch.bool:
+                    s5.masked_fill_(~mb, -math.inf)
+                else:
+                    s5.add_(mb)
+            if off is not None and n1 - 1 > m0 + off:  # the tile crosses the diagonal
+                rows = torch.arange(m0, m1, device=p.device)[:, None]
+                s5.masked_fill_(cols > rows + off, -math.inf)
+            prob = s.sub_(lse5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).exp_()
+            dv_acc.add_(torch.matmul(prob.transpose(-1, -2), dob))
+            ds = torch.matmul(dob, vb.transpose(-1, -2))
+            ds.sub_(delta5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).mul_(prob)
+            if dmask is not None:
+                ds_h = ds.view(B, Hq, bm, bn)
+                rows_sel = slice(m0, m1) if dmask.shape[2] > 1 else slice(None)
+                cols_sel = slice(n0, n1) if dmask.shape[3] > 1 else slice(None)
+                dmask[:, :, rows_sel, cols_sel] += _reduce_to(ds_h, dmask.shape)
+            dq[:, :, :, m0:m1] += torch.matmul(ds, kb).view(B, Hkv, G, bm, E)
+            dk_acc.add_(torch.matmul(ds.transpose(-1, -2), qb))
+        dk[:, :, n0:n1] = dk_acc.mul_(scale)
+        dv[:, :, n0:n1] = dv_acc
+    dq.mul_(scale)
+    grads = dq.view(B, Hq, L, E).to(p.dtype), dk.to(p.dtype), dv.to(p.dtype)
+    return (*grads, dmask.to(p.mask.dtype) if dmask is not None else None)

@@ -1,0 +1,129 @@
+"""torch.library custom ops for the forward and backward, their fake kernels and autograd.
+
+``fastattn::forward(q, k, v, mask, causal_offset, scale, backend) -> (out, lse)`` runs a backend on
+a canonical problem (fastattn.inputs.Problem: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
+mask None or 4-D with dims 1 or full). ``fastattn::backward`` returns (dq, dk, dv, dmask) from the
+saved inputs, out and lse: the score matrix is recomputed block by block, never stored. Being
+custom ops with fake kernels, both trace into ``torch.compile`` graphs as single nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inputs import Problem, empty_result
+
+_NO_MASK_GRAD = (0,)  # dmask placeholder shape when the mask needs no gradient
+
+
+def _problem(q, k, v, mask, causal_offset, scale) -> Problem:
+    return Problem(
+        q=q, k=k, v=v, mask=mask, causal_offset=causal_offset, scale=scale, batch_shape=(q.shape[0],), squeeze_heads=False
+    )
+
+
+@torch.library.custom_op("fastattn::forward", mutates_args=())
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal_offset: int | None,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, computed by `backend`."""
+    from .dispatch import REGISTRY
+
+    p = _problem(q, k, v, mask, causal_offset, scale)
+    result = empty_result(p)
+    if result is None:
+        result = REGISTRY[backend].run(p, True)
+    # Contiguous, as the fake kernel promises (SDPA's CPU op returns lse in (B, L, H) layout).
+    return tuple(t.contiguous() for t in result)
+
+
+@attention_forward.register_fake
+def _(q, k, v, mask, causal_offset, scale, backend):
+    from .inputs import lse_dtype
+
+    out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("fastattn::backward", mutates_args=())
+def attention_backward(
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal_offset: int | None,
+    scale: float,
+    backend: str,
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask) of a canonical problem; dmask has the mask's shape when mask_grad, else (0,)."""
+    from .cpu_backward import tiled_attention_backward
+
+    p = _problem(q, k, v, mask, causal_offset, scale)
+    no_dmask = q.new_empty(_NO_MASK_GRAD)
+    if empty_result(p) is not None:
+        dmask = mask.new_zeros(mask.shape) if mask_grad else no_dmask
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dmask
+    if backend == "triton" and not mask_grad:
+        from .launcher_backward import triton_attention_backward
+
+        dq, dk, dv = triton_attention_backward(p, out, lse, dout, dlse)
+        dmask = no_dmask
+    else:
+        # The PyTorch tiled backward: the CPU fallback's, and the (slower) path that also gives
+        # a float mask its gradient on any device.
+        dq, dk, dv, dmask = tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
+        dmask = dmask.contiguous() if mask_grad else no_dmask
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
+
+
+@attention_backward.register_fake
+def _(dout, dlse, q, k, v, out, lse, mask, causal_offset, scale, backend, mask_grad):
+    dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(_NO_MASK_GRAD)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal_offset, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask)
+    ctx.causal_offset, ctx.scale, ctx.backend = causal_offset, scale, backend
+    ctx.mask_grad = mask is not None and mask.requires_grad
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, mask = ctx.saved_tensors
+    if dout is None:  # only lse takes part in the loss
+        dout = torch.zeros_like(out)
+    dq, dk, dv, dmask = attention_backward(
+        dout.contiguous(), dlse, q, k, v, out, lse, mask, ctx.causal_offset, ctx.scale, ctx.backend, ctx.mask_grad
+    )
+    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastattn does not support double backward (gradients of gradients); "
+        "use backend='reference' for higher-order derivatives"
+    )
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+attention_backward.register_autograd(_no_double_backward, setup_context=_setup_backward_context)
