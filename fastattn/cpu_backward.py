@@ -25,6 +25,65 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
+def _scores(p: Problem, qb, kb, mask5, m0: int, m1: int, n0: int, n1: int) -> torch.Tensor:
+    """Scaled, masked scores (B, Hkv, G * bm, bn) of query rows [m0, m1) and keys [n0, n1)."""
+    B, Hkv, G = p.batch, p.heads_kv, p.group
+    s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(p.scale)
+    s5 = s.view(B, Hkv, G, m1 - m0, n1 - n0)
+    if mask5 is not None:
+        rows_sel = slice(m0, m1) if mask5.shape[3] > 1 else slice(None)
+        mb = mask5[..., rows_sel, n0:n1] if mask5.shape[4] > 1 else mask5[..., rows_sel, :]
+        if mb.dtype == torch.bool:
+            s5.masked_fill_(~mb, -math.inf)
+        else:
+            s5.add_(mb)
+    off = p.causal_offset
+    if off is not None and n1 - 1 > m0 + off:  # the tile crosses the diagonal
+        rows = torch.arange(m0, m1, device=p.device)[:, None]
+        cols = torch.arange(n0, n1, device=p.device)[None, :]
+        s5.masked_fill_(cols > rows + off, -math.inf)
+    return s
+
+
+def _row_stats(p: Problem, q5, k, v, do5, mask5, block_m: int, block_n: int):
+    """Row statistics of the scores, computed exactly as the backward computes them.
+
+    Returns (B, Hkv, G, L) tensors: the row max, 1 / sum of exp(S - max) (so P = exp(S - max) / sum),
+    and delta = rowsum(dO * P V). Rows with no key get max = +inf, 1 / sum = 0 and delta = 0,
+    which make P = 0 there rather than NaN.
+    """
+    B, Hkv, G, L, E = q5.shape
+    Ev = v.shape[-1]
+    row_max = torch.empty(B, Hkv, G, L, dtype=q5.dtype, device=p.device)
+    inv_sum, delta = torch.empty_like(row_max), torch.empty_like(row_max)
+    off = p.causal_offset
+    for m0 in range(0, L, block_m):
+        m1 = min(m0 + block_m, L)
+        rows = G * (m1 - m0)
+        qb = q5[:, :, :, m0:m1].reshape(B, Hkv, rows, E)
+        m_i = torch.full((B, Hkv, rows), -math.inf, dtype=q5.dtype, device=p.device)
+        l_i = torch.zeros_like(m_i)
+        acc = torch.zeros(B, Hkv, rows, Ev, dtype=q5.dtype, device=p.device)
+        hi = p.seqlen_k if off is None else max(0, min(p.seqlen_k, m1 + off))
+        for n0 in range(0, hi, block_n):
+            n1 = min(n0 + block_n, hi)
+            s = _scores(p, qb, k[:, :, n0:n1], mask5, m0, m1, n0, n1)
+            m_new = torch.maximum(m_i, s.amax(dim=-1))
+            m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+            alpha = (m_i - m_safe).exp_()
+            s.sub_(m_safe[..., None]).exp_()
+            l_i = l_i.mul_(alpha).add_(s.sum(dim=-1))
+            acc.mul_(alpha[..., None]).add_(torch.matmul(s, v[:, :, n0:n1]))
+            m_i = m_new
+        dead = l_i == 0
+        inv = l_i.reciprocal().masked_fill_(dead, 0.0)
+        dob = do5[:, :, :, m0:m1].reshape(B, Hkv, rows, Ev)
+        row_max[:, :, :, m0:m1] = m_i.masked_fill(dead, math.inf).view(B, Hkv, G, m1 - m0)
+        inv_sum[:, :, :, m0:m1] = inv.view(B, Hkv, G, m1 - m0)
+        delta[:, :, :, m0:m1] = ((dob * acc).sum(-1) * inv).view(B, Hkv, G, m1 - m0)
+    return row_max, inv_sum, delta
+
+
 def tiled_attention_backward(
     p: Problem,
     out: torch.Tensor,
@@ -36,6 +95,9 @@ def tiled_attention_backward(
     block_n: int = DEFAULT_BLOCK_N,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, dmask) of a canonical problem from its out (B, Hq, L, Ev) and lse (B, Hq, L).
+
+    out and lse are accepted for the op's uniform signature; this path recomputes what it needs
+    from them (see below).
 
     dlse: the gradient flowing into lse (a loss that uses lse), or None. mask_grad: also return
     the gradient of the float mask, summed over its broadcast dims (else dmask is None). Rows with
@@ -49,15 +111,20 @@ def tiled_attention_backward(
     q5 = p.q.reshape(B, Hkv, G, L, E).to(cdt)
     do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
     k, v = p.k.to(cdt), p.v.to(cdt)
-    # Rows with no key have lse = -inf: +inf there makes exp(S - lse) = 0 instead of NaN.
-    lse5 = lse.reshape(B, Hkv, G, L).to(cdt).masked_fill(torch.isneginf(lse.reshape(B, Hkv, G, L)), math.inf)
-    delta5 = (do5 * out.reshape(B, Hkv, G, L, Ev).to(cdt)).sum(-1)
-    if dlse is not None:
-        delta5 = delta5 - dlse.reshape(B, Hkv, G, L).to(cdt)
     mask5 = None
     if p.mask is not None:
         Bm, Hm, Lm, Sm = p.mask.shape
         mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
+    # The row statistics and delta = rowsum(dO * O) are recomputed here (one more pass, like a
+    # forward) rather than taken from the forward's lse and out: the forward may come from SDPA's
+    # CPU kernel or the log2-unit tiled path, whose scores round differently, and lse ~ 1e3 in
+    # float32 carries an absolute error of ~6e-5 by itself. With large logits in float32 these
+    # made the gradients up to 25x less accurate than PyTorch's own (measured); with P and delta
+    # from the same scores, the rows of dS sum to zero as softmax's backward needs. The saved
+    # out and lse are not needed.
+    row_max, inv_sum, delta5 = _row_stats(p, q5, k, v, do5, mask5, block_m, block_n)
+    if dlse is not None:
+        delta5 = delta5 - dlse.reshape(B, Hkv, G, L).to(cdt)
     dmask = torch.zeros(p.mask.shape, dtype=cdt, device=p.device) if mask_grad else None
 
     dq = torch.zeros(B, Hkv, G, L, E, dtype=cdt, device=p.device)
@@ -71,25 +138,14 @@ def tiled_attention_backward(
         dv_acc = torch.zeros(B, Hkv, bn, Ev, dtype=cdt, device=p.device)
         # Query rows above this block's causal diagonal see none of its keys: start below it.
         first_row = 0 if off is None else max(0, n0 - off)
-        cols = torch.arange(n0, n1, device=p.device)[None, :]
         for m0 in range(first_row - first_row % block_m, L, block_m):
             m1 = min(m0 + block_m, L)
             bm = m1 - m0
             qb = q5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, E)
             dob = do5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, Ev)
-            s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
-            s5 = s.view(B, Hkv, G, bm, bn)
-            if mask5 is not None:
-                rows_sel = slice(m0, m1) if mask5.shape[3] > 1 else slice(None)
-                mb = mask5[..., rows_sel, n0:n1] if mask5.shape[4] > 1 else mask5[..., rows_sel, :]
-                if mb.dtype == torch.bool:
-                    s5.masked_fill_(~mb, -math.inf)
-                else:
-                    s5.add_(mb)
-            if off is not None and n1 - 1 > m0 + off:  # the tile crosses the diagonal
-                rows = torch.arange(m0, m1, device=p.device)[:, None]
-                s5.masked_fill_(cols > rows + off, -math.inf)
-            prob = s.sub_(lse5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).exp_()
+            s = _scores(p, qb, kb, mask5, m0, m1, n0, n1)
+            prob = s.sub_(row_max[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).exp_()
+            prob.mul_(inv_sum[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1))
             dv_acc.add_(torch.matmul(prob.transpose(-1, -2), dob))
             ds = torch.matmul(dob, vb.transpose(-1, -2))
             ds.sub_(delta5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).mul_(prob)

@@ -58,11 +58,14 @@ def assert_close_to_oracle(
     *,
     dtype: torch.dtype | None = None,
     floor: float | None = None,
+    ratio: float = 2.0,
 ) -> None:
     """Assert the error-ratio rule for `out` (see the module docstring), printing the errors first.
 
     dtype: the precision the computation ran in (the inputs' dtype; lse is float32 even for fp16
         inputs), which picks the floor; default out.dtype. floor: overrides FLOOR[dtype] * scale.
+    ratio: the allowed multiple of the baseline's error (2 for forward outputs; the backward
+        issue allows up to 3 for gradients, whose recomputation adds its own rounding).
     Non-finite values (lse = -inf of rows with no key) must sit exactly where the oracle has them;
     NaN is never allowed. A baseline that is not finite where the oracle is counts as error inf.
     """
@@ -75,7 +78,7 @@ def assert_close_to_oracle(
         floor = FLOOR[dtype] * magnitude
     err = _max_abs_error(out, oracle)
     base_err = _max_abs_error(baseline, oracle)
-    bound = 2 * base_err + floor
+    bound = ratio * base_err + floor
     n_nan = int(torch.isnan(out).sum())
     print(f"{name}: err={err:.3e} baseline_err={base_err:.3e} floor={floor:.1e} bound={bound:.3e} nan={n_nan}")
     assert n_nan == 0, f"{name}: {n_nan} NaN in the output"
@@ -83,7 +86,7 @@ def assert_close_to_oracle(
         where_out, where_oracle = test(out), test(oracle)
         mismatched = int((where_out != where_oracle).sum())
         assert mismatched == 0, f"{name}: {mismatched} positions differ in being {kind} from the oracle"
-    assert err <= bound, f"{name}: max error {err:.3e} > 2 * baseline {base_err:.3e} + floor {floor:.1e}"
+    assert err <= bound, f"{name}: max error {err:.3e} > {ratio} * baseline {base_err:.3e} + floor {floor:.1e}"
 
 
 def check_against_reference(

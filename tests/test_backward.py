@@ -1,0 +1,205 @@
+"""Gradients of fastattn.attention: the PyTorch backward (CPU fallback, and the mask-gradient path
+on every device), autograd plumbing (custom ops, lse gradients, double backward), torch.compile,
+opcheck and the backward's memory. The Triton backward kernels have tests/test_triton_backward.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import PARITY_CASES, assert_close_to_oracle, attention_arguments
+
+import fastattn
+from fastattn.ops import attention_backward, attention_forward
+
+# The CPU-fallback parity cases that keep the float64 autograd oracle cheap.
+GRAD_CASES = [c for c in PARITY_CASES if c.L * c.S * c.B * c.Hq <= 300_000]
+
+
+def _leaves(q, k, v, kwargs):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    mask = kwargs.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and type(mask) is torch.Tensor:
+        kwargs = dict(kwargs, attn_mask=mask.detach().clone().requires_grad_())
+    return q, k, v, kwargs
+
+
+def _grads(q, k, v, kwargs, dout, dlse, **call):
+    """Gradients of <out, dout> + <finite lse, dlse> w.r.t. q, k, v (and a float mask)."""
+    out, lse = fastattn.attention(q, k, v, **kwargs, return_lse=True, **call)
+    loss = (out.double() * dout).sum() + (lse.double().nan_to_num(0.0, 0.0, 0.0) * dlse).sum()
+    inputs = [q, k, v]
+    mask = kwargs.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.requires_grad:
+        inputs.append(mask)
+    return torch.autograd.grad(loss, inputs)
+
+
+def _check_grads(name, case, dtype, backend, use_lse=True):
+    q, k, v, kwargs = attention_arguments(case, dtype)
+    torch.manual_seed(1)
+    L, Ev = case.L, case.Ev or case.E
+    dout = torch.randn(case.B, case.Hq, L, Ev, dtype=torch.float64)
+    dlse = torch.randn(case.B, case.Hq, L, dtype=torch.float64) if use_lse else torch.zeros(case.B, case.Hq, L)
+    oracle_inputs = _leaves(q.double(), k.double(), v.double(), _double_mask(kwargs))
+    oracle = _grads(*oracle_inputs, dout, dlse, backend="reference")
+    baseline = _grads(*_leaves(q, k, v, kwargs), dout, dlse, backend="reference")
+    got = _grads(*_leaves(q, k, v, kwargs), dout, dlse, backend=backend)
+    for label, g, o, b in zip(("dq", "dk", "dv", "dmask"), got, oracle, baseline):
+        assert g.dtype == b.dtype and g.shape == o.shape
+        assert_close_to_oracle(f"{name} {label}", g, o, b, dtype=dtype, ratio=3.0)
+
+
+def _double_mask(kwargs):
+    mask = kwargs.get("attn_mask")
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and type(mask) is torch.Tensor:
+        return dict(kwargs, attn_mask=mask.double())
+    return kwargs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
+def test_cpu_backward_parity(case, dtype):
+    _check_grads(f"cpu {case.id}", case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gradcheck_cpu_fallback(dtype):
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 9, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 11, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(1, 1, 9, 11, dtype=torch.float64)
+    mask[:, :, 2] = -math.inf  # a row with no key: zero gradients
+    mask.requires_grad_()
+
+    def f(q, k, v, mask):
+        out, lse = fastattn.attention(q, k, v, mask, is_causal=True, enable_gqa=True, return_lse=True, backend="cpu")
+        return out, lse.nan_to_num(0.0, 0.0, 0.0)
+
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(f, (q, k, v, mask))
+    else:  # the reference's own gradients, float64, are the oracle gradcheck uses elsewhere
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: fastattn.attention(q, k, v, is_causal=True, enable_gqa=True, backend="reference"),
+            (q, k, v),
+        )
+
+
+def test_dead_rows_get_zero_gradients():
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[1] = False
+    out = fastattn.attention(q, k, v, mask, backend="cpu")
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (q.grad[:, :, 1] == 0).all()
+
+
+def test_gradient_through_lse_only():
+    q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    _, lse = fastattn.attention(q, k, v, return_lse=True, backend="cpu")
+    (gq,) = torch.autograd.grad(lse.sum(), q)
+    _, lse_ref = fastattn.reference.attention(q, k, v, return_lse=True)
+    (gq_ref,) = torch.autograd.grad(lse_ref.sum(), q)
+    torch.testing.assert_close(gq, gq_ref)
+
+
+def test_backward_is_bitwise_repeatable():
+    case = GRAD_CASES[3]
+    q, k, v, kwargs = attention_arguments(case, torch.float32)
+    q, k, v, kwargs = _leaves(q, k, v, kwargs)
+    dout = torch.randn(case.B, case.Hq, case.L, case.Ev or case.E, dtype=torch.float64)
+    zero = torch.zeros(case.B, case.Hq, case.L, dtype=torch.float64)
+    first = _grads(q, k, v, kwargs, dout, zero, backend="cpu")
+    second = _grads(q, k, v, kwargs, dout, zero, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_double_backward_raises():
+    q = torch.randn(1, 1, 5, 8, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(fastattn.attention(q, q, q, backend="cpu").sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_torch_compile_fullgraph_no_breaks_no_recompiles():
+    import torch._dynamo.testing
+
+    def f(q, k, v, mask):
+        return fastattn.attention(q, k, v, mask, enable_gqa=True)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, backend=counter, fullgraph=True, dynamic=True)
+    frames = []
+    for L, S in ((33, 47), (50, 61), (17, 90)):
+        q = torch.randn(2, 4, L, 16, requires_grad=True)
+        k, v = (torch.randn(2, 2, S, 16, requires_grad=True) for _ in range(2))
+        mask = torch.rand(2, 1, 1, S) > 0.2
+        compiled(q, k, v, mask).sum().backward()
+        got = [t.grad for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        f(q, k, v, mask).sum().backward()
+        for a, t in zip(got, (q, k, v)):
+            torch.testing.assert_close(a, t.grad)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[-1], f"recompiled for new sequence lengths: frames compiled {frames}"
+    explain = torch._dynamo.explain(f)(q, k, v, mask)
+    assert explain.graph_break_count == 0
+
+
+def test_opcheck_both_ops():
+    q = torch.randn(2, 4, 9, 16)
+    k, v = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
+    mask = torch.randn(2, 1, 9, 13)
+    args = (q, k, v, mask, 0, 0.25, "cpu")
+    torch.library.opcheck(attention_forward, args)
+    out, lse = attention_forward(*args)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, 0, 0.25, "cpu", True)
+    torch.library.opcheck(attention_backward, bargs)
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, torch, fastattn
+    torch.set_num_threads(1)
+    N = {N}
+    q, k, v = (torch.randn(1, 1, N, 64, requires_grad=True) for _ in range(3))
+    def peak():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = fastattn.attention(q, k, v, is_causal={causal}, backend="cpu")
+    dout = torch.randn_like(out)
+    before = peak()
+    out.backward(dout)
+    print(peak() - before)
+    """
+)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_memory_at_8k_far_below_ls(causal):
+    """Peak RSS growth of the CPU backward at L = S = 8192 (measured in a fresh process)."""
+    N = 8192
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT.format(N=N, causal=causal)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    growth = int(proc.stdout.strip().splitlines()[-1])
+    ls_bytes = N * N * 4
+    print(
+        f"backward peak RSS growth at {N}: {growth / 2**20:.1f} MiB (one L x S fp32 matrix: {ls_bytes / 2**20:.0f} MiB)"
+    )
+    assert growth < ls_bytes / 8
