@@ -48,25 +48,31 @@ class BackwardConfig:
 
 
 # (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)), each
-# (BLOCK_M, BLOCK_N, warps, stages): the largest tiles that compile without register spills for
-# that arch (tests/test_triton_backward.py AOT-compiles each; python -m fastattn.aot_backward prints
-# the report). Not yet tuned by timing on a GPU.
+# (BLOCK_M, BLOCK_N, warps, stages): the largest tiles that compile without register spills in every
+# kernel variant (causal, ragged L/S, padded head dims, bool/float masks) for that arch, found by
+# AOT compilation with triton 3.9 (python -m fastattn.aot_backward). The dK/dV kernel holds K, V,
+# dK and dV of its key block in registers, so its key blocks are narrow. Where no candidate down to
+# 16x16 was spill-free (head dim 256 everywhere; sm_80 fp32 dK/dV at 128) the entry is the one with
+# the fewest spills (a few, in the ragged/masked variants). Not yet tuned by timing on a GPU.
 _BACKWARD_TABLE = {
     (True, True, 64): ((32, 128, 8, 3), (128, 32, 8, 3)),
-    (True, True, 128): ((32, 64, 4, 3), (64, 32, 4, 3)),
-    (True, True, 256): ((16, 32, 4, 2), (32, 16, 4, 2)),
-    (True, False, 64): ((32, 64, 4, 3), (64, 32, 4, 3)),
-    (True, False, 128): ((16, 32, 4, 2), (32, 16, 4, 2)),
-    (True, False, 256): ((16, 32, 4, 2), (32, 16, 4, 2)),
-    (False, True, 64): ((32, 128, 8, 2), (128, 32, 8, 2)),
-    (False, True, 128): ((32, 64, 4, 2), (64, 32, 4, 2)),
-    (False, True, 256): ((16, 32, 4, 2), (32, 16, 4, 2)),
-    (False, False, 64): ((32, 64, 4, 2), (64, 32, 4, 2)),
-    (False, False, 128): ((16, 32, 4, 2), (32, 16, 4, 2)),
-    (False, False, 256): ((16, 32, 4, 2), (32, 16, 4, 2)),
+    (True, True, 128): ((16, 16, 4, 3), (64, 32, 8, 3)),
+    (True, True, 256): ((16, 16, 4, 3), (32, 16, 4, 3)),
+    (True, False, 64): ((32, 128, 8, 3), (128, 32, 8, 3)),
+    (True, False, 128): ((16, 32, 4, 3), (32, 16, 4, 3)),
+    (True, False, 256): ((16, 16, 4, 3), (16, 16, 4, 3)),
+    (False, True, 64): ((16, 64, 4, 2), (128, 32, 8, 2)),
+    (False, True, 128): ((16, 32, 4, 2), (64, 32, 8, 2)),
+    (False, True, 256): ((16, 16, 4, 2), (32, 16, 4, 2)),
+    (False, False, 64): ((16, 32, 4, 2), (128, 32, 8, 2)),
+    (False, False, 128): ((16, 16, 4, 2), (32, 16, 4, 2)),
+    (False, False, 256): ((16, 16, 4, 2), (16, 16, 4, 2)),
 }
 
-PREPROCESS_BLOCK_M = 64
+
+def preprocess_block_m(head_dim_v: int) -> int:
+    """Rows per program of the preprocess kernel: 2048 elements of O and dO each (no spills)."""
+    return max(16, 2048 // head_dim_v)
 
 
 def default_backward_config(
@@ -74,9 +80,9 @@ def default_backward_config(
 ) -> BackwardConfig:
     """The built-in choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
     if capability is None:
-        # Small tiles exercise the multi-block logic on the tests' short sequences and cost little
-        # in the interpreter.
-        return BackwardConfig(TileConfig(16, 32, 4, 1), TileConfig(32, 16, 4, 1))
+        # The interpreter runs each program in numpy: small tiles exercise the multi-block logic
+        # on the tests' short sequences, and cost little.
+        return BackwardConfig(TileConfig(32, 32, 4, 1), TileConfig(32, 32, 4, 1))
     bucket = next(b for b in (64, 128, 256) if max(head_dim, head_dim_v) <= b)
     dkdv, dq = _BACKWARD_TABLE[(capability[0] >= 9, dtype != torch.float32, bucket)]
     return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
@@ -197,6 +203,7 @@ def triton_attention_backward(
         )
 
     qk_scale = p.scale * 1.4426950408889634  # exp2 is one instruction; fold log2(e) into the scale
+    pre_block_m = preprocess_block_m(head_dim_v)
     scalars = (Hq, p.group, L, S, E, Ev, qk_scale, p.scale, p.causal_offset or 0)
     with torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext():
         for b0 in range(0, B, MAX_GRID_YZ):
@@ -210,7 +217,7 @@ def triton_attention_backward(
             qc, kc, vc, doc = q[chunk], k[chunk], v[chunk], dout[chunk]
             lse_c, delta_c = lse[chunk], delta[chunk]
 
-            backward_kernels.attention_backward_preprocess_kernel[(math.ceil(L / PREPROCESS_BLOCK_M), Hq, nb)](
+            backward_kernels.attention_backward_preprocess_kernel[(math.ceil(L / pre_block_m), Hq, nb)](
                 delta_c,
                 out[chunk],
                 doc,
@@ -221,8 +228,8 @@ def triton_attention_backward(
                 L,
                 Ev,
                 HEAD_DIM_V=head_dim_v,
-                BLOCK_M=PREPROCESS_BLOCK_M,
-                CHECK_M=L % PREPROCESS_BLOCK_M != 0,
+                BLOCK_M=pre_block_m,
+                CHECK_M=L % pre_block_m != 0,
                 CHECK_EV=Ev != head_dim_v,
                 HAS_DLSE=has_dlse,
                 num_warps=4,
