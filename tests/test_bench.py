@@ -30,7 +30,9 @@ CEILINGS = {"matmul_tflops": {"fp32": 0.1}, "matmul_n": 64, "copy_gbps": 10.0, "
 
 def fake(name: str, forward) -> Provider:
     """A provider whose call is forward(case, q, k, v)."""
-    return Provider(name, f"test provider {name}", ("cpu",), lambda case, device: lambda q, k, v: forward(case, q, k, v))
+    return Provider(
+        name, f"test provider {name}", ("cpu",), lambda case, device: lambda q, k, v: forward(case, q, k, v)
+    )
 
 
 def sdpa(case: Case, q, k, v):
@@ -170,20 +172,36 @@ def test_sdpa_backend_that_cannot_run_the_case_is_unsupported_with_the_why():
     assert status == "unsupported" and "head_dim <= 256" in reason
 
 
-def test_fastattn_backward_rows_say_not_supported_yet_and_fill_in_once_differentiable():
-    row = measure(PROVIDERS["fastattn"], TINY, "bwd", FAST)
-    assert row.status == "unsupported" and "backward" in row.reason and row.timing is None
-    # A differentiable forward (the reference) is checked and timed in the same backward mode.
-    for mode in ("bwd", "fwd+bwd"):
-        row = measure(PROVIDERS["reference"], TINY, mode, FAST)
-        assert row.status == "ok" and row.gate.tensor in ("out", "dq", "dk", "dv"), row
+def forward_only(case: Case, q, k, v):
+    """Like fastattn 0.1: refuses inputs that require grad."""
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise NotImplementedError("no backward pass yet")
+    return sdpa(case, q, k, v)
+
+
+def test_backward_rows_say_unsupported_until_the_forward_is_differentiable():
+    rows = run_sweep(
+        [TINY], Settings("cpu", ("fwd", "bwd", "fwd+bwd"), (fake("fwd-only", forward_only),), min_run_time=0.001)
+    )
+    assert [(r.mode, r.status) for r in rows] == [("fwd", "ok"), ("bwd", "unsupported"), ("fwd+bwd", "unsupported")]
+    assert rows[1].reason == "NotImplementedError: no backward pass yet" and rows[1].timing is None
+    # A differentiable forward gets checked (gradients too) and timed rows in the same modes.
+    for provider in (PROVIDERS["fastattn"], PROVIDERS["reference"]):
+        for mode in ("bwd", "fwd+bwd"):
+            row = measure(provider, TINY_GQA, mode, FAST)
+            assert row.status == "ok" and row.timing is not None, row
 
 
 def test_default_skips_apply_only_when_the_provider_was_not_named():
     skipped = measure(PROVIDERS["fastattn-triton"], TINY, "fwd", FAST)
     assert (skipped.status, skipped.reason) == ("skipped", "interpreter (no GPU)")
     assert "flex" not in default_providers("cpu") or PROVIDERS["flex"].default_skip["cpu"]
-    named = measure(PROVIDERS["fastattn-triton"], TINY, "fwd", Settings("cpu", ("fwd",), (), explicit_providers=True, min_run_time=0.001))
+    named = measure(
+        PROVIDERS["fastattn-triton"],
+        TINY,
+        "fwd",
+        Settings("cpu", ("fwd",), (), explicit_providers=True, min_run_time=0.001),
+    )
     assert named.status == "ok", named.reason
 
 
@@ -239,14 +257,14 @@ def test_progress_bar_prints_tenths_when_not_a_terminal(capsys):
 
 @pytest.fixture(scope="module")
 def swept():
-    """(meta, records) of a tiny sweep with a good, a wrong and an OOM provider."""
+    """(meta, records) of a tiny sweep with a good, a forward-only, a wrong and an OOM provider."""
     providers = (
         fake("sdpa", sdpa),
-        fake("fastattn", sdpa),
+        fake("fastattn", forward_only),
         fake("wrong", lambda case, q, k, v: sdpa(case, q, k, v) + 0.1),
         raising(torch.OutOfMemoryError("out of memory")),
     )
-    settings = Settings("cpu", ("fwd",), providers, min_run_time=0.001)
+    settings = Settings("cpu", ("fwd", "bwd"), providers, min_run_time=0.001)
     cases = [TINY, Case("mha", torch.float32, 1, 2, 2, 64, 64, 16, causal=True)]
     rows = run_sweep(cases, settings)
     meta = report.metadata(settings, "python -m fastattn.bench --test", CEILINGS)
@@ -263,26 +281,29 @@ def test_csv_and_json_rows_carry_the_metadata(swept, tmp_path):
         assert tuple(reader.fieldnames) == report.FIELDS
         rows = list(reader)
     data = json.loads((tmp_path / "results.json").read_text())
-    assert len(rows) == len(data["rows"]) == 8
+    assert len(rows) == len(data["rows"]) == 2 * 2 * 4  # cases x modes x providers
     for row in (*rows, *data["rows"]):
         for key in ("date", "command", "device", "device_name", "torch", "triton", "fastattn", "python"):
             assert row[key], key
         assert row["torch"] == torch.__version__ and row["command"] == "python -m fastattn.bench --test"
     assert data["meta"]["ceilings"] == CEILINGS and len(data["meta"]["loadavg_start"]) == 3
-    by = {(r["provider"], r["case"]): r for r in data["rows"]}
-    good, wrong, oom = (by[(p, TINY.label)] for p in ("fastattn", "wrong", "OutOfMemoryError"))
+    by = {(r["provider"], r["case"], r["mode"]): r for r in data["rows"]}
+    good, wrong, oom = (by[(p, TINY.label, "fwd")] for p in ("fastattn", "wrong", "OutOfMemoryError"))
     assert good["status"] == "ok" and good["median_ms"] > 0 and good["tflops"] > 0 and good["speedup_vs_sdpa"] > 0
     assert wrong["status"] == "wrong" and wrong["median_ms"] is None and wrong["max_err"] > wrong["err_bound"]
     assert oom["status"] == "OOM" and oom["median_ms"] is None
     md = (tmp_path / "results.md").read_text()
     assert "| fwd | wrong | wrong | – |" in md and "## Summary: fastattn vs SDPA" in md
+    summary = md.split("## Summary: fastattn vs SDPA")[1]
+    assert f"| fwd | mha {TINY.label} |" in summary
+    assert "- bwd: no fastattn time in any case (unsupported: NotImplementedError: no backward pass yet)" in summary
 
 
 def test_png_plots_are_written(swept, tmp_path):
     pytest.importorskip("matplotlib")
     meta, records = swept
     paths = report.write_plots(tmp_path, records)
-    assert {p.name for p in paths} == {"tflops_fwd.png", "speedup.png"}
+    assert {p.name for p in paths} == {"tflops_fwd.png", "tflops_bwd.png", "speedup.png"}
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -301,8 +322,8 @@ def test_png_plots_are_skipped_cleanly_without_matplotlib(swept, tmp_path, monke
 
 
 def test_cli_quick_end_to_end(tmp_path, capsys):
-    argv = ["--quick", "--seqlens", "32", "--head-dims", "16", "--modes", "fwd,bwd"]
-    argv += ["--providers", "fastattn,sdpa,sdpa-flash,sdpa-math,reference", "--out", str(tmp_path)]
+    argv = ["--quick", "--seqlens", "32", "--head-dims", "16", "--causal", "yes", "--modes", "fwd,bwd"]
+    argv += ["--providers", "fastattn,sdpa", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     print(out)
@@ -310,15 +331,13 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["command"] == "python -m fastattn.bench " + " ".join(argv)
     rows = data["rows"]
-    assert len(rows) == 3 * 2 * 5  # cases (mha causal and not, gqa) x modes x providers
-    assert all(r["status"] == "ok" for r in rows if r["provider"] != "fastattn" or r["mode"] == "fwd")
-    assert all(r["status"] == "unsupported" for r in rows if r["provider"] == "fastattn" and r["mode"] == "bwd")
-    assert all(r["speedup_vs_sdpa"] for r in rows if r["provider"] == "fastattn" and r["mode"] == "fwd")
+    assert len(rows) == 2 * 2 * 2  # cases (mha, gqa) x modes x providers
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert all(r["speedup_vs_sdpa"] for r in rows if r["provider"] == "fastattn")
     assert (tmp_path / "results.md").read_text().startswith("# fastattn benchmark")
 
     section = readme.render(tmp_path, tmp_path.parent)
-    assert f"`{data['meta']['command']}`" in section and "| fwd | mha fp32" in section
-    assert "- bwd: no fastattn time in any case (unsupported: NotImplementedError" in section
+    assert f"`{data['meta']['command']}`" in section and "| fwd | mha fp32" in section and "| bwd | gqa fp32" in section
     doc = tmp_path / "README.md"
     doc.write_text(f"intro\n{readme.BEGIN}\nold\n{readme.END}\noutro\n")
     assert readme.main([str(tmp_path), "--readme", str(doc)]) == 0

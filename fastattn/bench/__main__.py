@@ -15,6 +15,7 @@ import argparse
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,13 @@ from fastattn.__main__ import use_interpreter_without_gpu
 from .progress import Progress
 from .providers import PROVIDERS, available_providers, default_providers
 from .report import case_markdown, header_markdown, metadata, record, summary_markdown, write_outputs
-from .runner import Settings, host_memory_budget, run_sweep
+from .runner import Settings, run_sweep
 from .sweep import DTYPES, MODES, sweep_cases
 from .timing import measure_ceilings
 
 DTYPE_ALIASES = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "float": "fp32"}
 CAUSAL = {"yes": (True,), "no": (False,), "both": (False, True)}
-MIN_RUN_TIME = {False: 0.3, True: 0.02}  # CPU seconds of timed calls per row: full, --quick
+MIN_RUN_TIME = {False: 0.1, True: 0.02}  # CPU seconds of timed calls per row: full, --quick
 
 
 def _list(kind: type, choices: Sequence[str] | None = None, aliases: dict[str, str] | None = None):
@@ -62,12 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "cuda"), help="default: cuda when a CUDA device is present, else cpu"
     )
     parser.add_argument(
-        "--modes", type=_list(str, MODES), default=("fwd", "bwd"), help="comma list of fwd, bwd, fwd+bwd (default fwd,bwd)"
+        "--modes",
+        type=_list(str, MODES),
+        default=("fwd", "bwd"),
+        help="comma list of fwd, bwd, fwd+bwd (default fwd,bwd)",
     )
     parser.add_argument(
-        "--dtype", type=_list(str, tuple(DTYPES), DTYPE_ALIASES), help="comma list of fp16, bf16, fp32 (default: the sweep's)"
+        "--dtype",
+        type=_list(str, tuple(DTYPES), DTYPE_ALIASES),
+        help="comma list of fp16, bf16, fp32 (default: the sweep's)",
     )
-    parser.add_argument("--seqlens", type=_list(int), help="comma list of L = S (replaces the sweep's; drops long context)")
+    parser.add_argument(
+        "--seqlens", type=_list(int), help="comma list of L = S (replaces the sweep's; drops long context)"
+    )
     parser.add_argument("--head-dims", type=_list(int), help="comma list of head dims D (default: the sweep's)")
     parser.add_argument("--causal", choices=tuple(CAUSAL), help="causal cases: yes, no or both (default: the sweep's)")
     parser.add_argument(
@@ -101,7 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = list(_list(str)(args.providers))
         unknown = [n for n in names if n not in available]
         if unknown:
-            parser.error(f"--providers: {', '.join(unknown)} not available on {device} (available: {', '.join(available)})")
+            parser.error(
+                f"--providers: {', '.join(unknown)} not available on {device} (available: {', '.join(available)})"
+            )
     dtypes = None if args.dtype is None else tuple(DTYPES[d] for d in args.dtype)
     cases = sweep_cases(
         device,
@@ -117,9 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         providers=tuple(PROVIDERS[n] for n in names),
         explicit_providers=args.providers is not None,
         min_run_time=MIN_RUN_TIME[args.quick],
-        host_memory_bytes=host_memory_budget(),
     )
 
+    started = time.monotonic()
     print("measuring this machine's ceilings (matmul, copy)...", file=sys.stderr, flush=True)
     ceilings = measure_ceilings(device, sorted({c.dtype for c in cases}, key=str), args.quick)
     meta = metadata(settings, _command(argv), ceilings)
@@ -134,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_sweep(cases, settings, step=progress.step, case_done=case_done)
     progress.clear()
     meta["loadavg_end"] = list(os.getloadavg())
+    meta["duration_s"] = round(time.monotonic() - started, 1)
     records = [record(r, meta) for r in rows]
     print("## Summary: fastattn vs SDPA\n\n" + summary_markdown(records), flush=True)
     if args.out is not None:

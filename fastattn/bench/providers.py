@@ -98,8 +98,13 @@ def _sdpa_choice(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 def _compiled_flex_attention() -> Callable:
     # Imported here: torch.nn.attention.flex_attention pulls in torch._dynamo and triton, and
     # triton's kernel flavour is fixed at its first import (see fastattn.__main__).
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    # One static compile per shape (as FlexAttention is benchmarked upstream): a sweep has hundreds
+    # of shapes, far past dynamo's default of 8 recompiles, after which it would fall back to eager.
+    torch._dynamo.config.recompile_limit = 1_000_000
+    torch._dynamo.config.accumulated_recompile_limit = 1_000_000
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -145,7 +150,13 @@ PROVIDERS: dict[str, Provider] = {
             _fastattn("triton"),
             default_skip={"cpu": "interpreter (no GPU)"},
         ),
-        Provider("sdpa", "F.scaled_dot_product_attention, its own backend choice", ("cpu", "cuda"), _sdpa, choice=_sdpa_choice),
+        Provider(
+            "sdpa",
+            "F.scaled_dot_product_attention, its own backend choice",
+            ("cpu", "cuda"),
+            _sdpa,
+            choice=_sdpa_choice,
+        ),
         _pinned("flash", ("cpu", "cuda"), " (on CPU: its flash-attention CPU kernel)"),
         _pinned("efficient", ("cuda",), " (memory-efficient attention)"),
         _pinned("cudnn", ("cuda",), ""),
@@ -177,9 +188,7 @@ def flex_available() -> bool:
 
 def available_providers(device: str) -> list[str]:
     """The providers that exist for `device` with this torch, in table order."""
-    return [
-        name for name, p in PROVIDERS.items() if device in p.devices and (name != "flex" or flex_available())
-    ]
+    return [name for name, p in PROVIDERS.items() if device in p.devices and (name != "flex" or flex_available())]
 
 
 def default_providers(device: str) -> list[str]:

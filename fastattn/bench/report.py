@@ -88,7 +88,7 @@ def device_name(device: str) -> str:
 
 
 def metadata(settings: Settings, command: str, ceilings: dict) -> dict:
-    """The run's metadata (loadavg_end is added when the run ends)."""
+    """The run's metadata (loadavg_end and duration_s are added when the run ends)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
@@ -176,18 +176,21 @@ def header_markdown(meta: dict) -> str:
         f"# fastattn benchmark: {meta['device_name']} ({meta['device']})",
         "",
         f"`{meta['command']}` · {meta['date']} · load average at start {load}"
-        + (f", at end {', '.join(f'{x:.2f}' for x in meta['loadavg_end'])}" if "loadavg_end" in meta else ""),
+        + (f", at end {', '.join(f'{x:.2f}' for x in meta['loadavg_end'])}" if "loadavg_end" in meta else "")
+        + (f" · took {meta['duration_s']:.0f} s" if "duration_s" in meta else ""),
         "",
         "```",
         *meta["environment"],
         "```",
         "",
-        f"Ceilings measured in this run: matmul TFLOP/s ({c['matmul_n']}x{c['matmul_n']}): {matmul}; "
+        f"Ceilings measured in this run: matmul TFLOP/s ({c['matmul_n']}x{c['matmul_n']} torch.mm): {matmul}; "
         f"device-to-device copy {c['copy_gbps']:.3g} GB/s (read + write).",
         "",
         "TFLOP/s: forward 4·B·H·L·S·D, halved when causal; backward 2.5x, fwd+bwd 3.5x the forward. "
-        "Times: median (p20–p80). Peak MiB: what one call allocates beyond its inputs. "
-        "Every timed row first matched the float64 reference within its bound (error / bound).",
+        "% of matmul: TFLOP/s over this run's torch.mm rate in the same dtype (a fused kernel can pass it "
+        "where torch.mm does not reach the chip's peak). Times: median (p20–p80). Peak MiB: what one call "
+        "allocates beyond its inputs. Every timed row first matched the float64 reference within its bound "
+        "(error / bound).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -201,7 +204,7 @@ def case_markdown(records: Sequence[dict]) -> str:
         "",
         f"GFLOP per call: {gflop}",
         "",
-        "| mode | provider | status | median ms (p20–p80) | TFLOP/s | % of matmul peak | peak MiB | error / bound | note |",
+        "| mode | provider | status | median ms (p20–p80) | TFLOP/s | % of matmul | peak MiB | error / bound | note |",
         "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in records:
@@ -213,7 +216,9 @@ def case_markdown(records: Sequence[dict]) -> str:
             note = r["note"]
             if r["speedup_vs_best_sdpa"] is not None:
                 vs = f"{_num(r['speedup_vs_sdpa'])}x sdpa, " if r["speedup_vs_sdpa"] is not None else ""
-                note = "; ".join(filter(None, [note, f"{vs}{_num(r['speedup_vs_best_sdpa'])}x best ({r['best_sdpa']})"]))
+                note = "; ".join(
+                    filter(None, [note, f"{vs}{_num(r['speedup_vs_best_sdpa'])}x best ({r['best_sdpa']})"])
+                )
             cells = [time, _num(r["tflops"]), _num(r["pct_of_matmul_peak"], 2), _num(r["peak_mem_mib"]), err, note]
         else:
             cells = ["–", "–", "–", "–", "–", _short(r["reason"])]
@@ -327,7 +332,7 @@ def write_plots(out_dir: Path, records: Sequence[dict]) -> list[Path]:
                 points = sorted((r["L"], r["tflops"]) for r in rows if r["config"] == config and r["provider"] == p)
                 if points:
                     ax.plot(*zip(*points), marker="o", label=p, color=colors[p])
-            _axes(ax, config, "TFLOP/s")
+            _axes(ax, config, "TFLOP/s", [r["L"] for r in rows if r["config"] == config])
         _legend(fig, axes)
         fig.suptitle(f"{mode}: TFLOP/s against sequence length ({records[0]['device_name']})")
         written.append(_save(fig, plt, out_dir / f"tflops_{mode}.png"))
@@ -339,13 +344,15 @@ def write_plots(out_dir: Path, records: Sequence[dict]) -> list[Path]:
             rows = [r for r in with_speedup if r["mode"] == mode]
             for i, config in enumerate(dict.fromkeys(r["config"] for r in rows)):
                 color = plt.get_cmap("tab10")(i % 10)
-                points = sorted((r["L"], r["speedup_vs_sdpa"], r["speedup_vs_best_sdpa"]) for r in rows if r["config"] == config)
+                points = sorted(
+                    (r["L"], r["speedup_vs_sdpa"], r["speedup_vs_best_sdpa"]) for r in rows if r["config"] == config
+                )
                 L, vs_sdpa, vs_best = zip(*points)
                 if all(s is not None for s in vs_sdpa):
                     ax.plot(L, vs_sdpa, marker="o", color=color, label=f"{config} vs sdpa")
                 ax.plot(L, vs_best, marker="x", linestyle="--", color=color, label=f"{config} vs best SDPA")
             ax.axhline(1.0, color="gray", linewidth=0.8)
-            _axes(ax, mode, "speed-up (x)")
+            _axes(ax, mode, "speed-up (x)", [r["L"] for r in rows])
         _legend(fig, axes)
         fig.suptitle(f"fastattn speed-up over SDPA (> 1: faster; {records[0]['device_name']})")
         written.append(_save(fig, plt, out_dir / "speedup.png"))
@@ -355,15 +362,19 @@ def write_plots(out_dir: Path, records: Sequence[dict]) -> list[Path]:
 def _grid(plt, n: int):
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows + 1.2), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.4 * rows), squeeze=False)
     flat = axes.ravel().tolist()
     for ax in flat[n:]:
         ax.set_visible(False)
     return fig, flat[:n]
 
 
-def _axes(ax, title: str, ylabel: str) -> None:
+def _axes(ax, title: str, ylabel: str, seqlens: Sequence[int]) -> None:
+    """Log-2 seqlen axis labelled with the lengths themselves; y from 0 so gaps keep their size."""
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(seqlens)), [str(L) for L in sorted(set(seqlens))])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("sequence length L = S")
     ax.set_ylabel(ylabel)
@@ -371,16 +382,17 @@ def _axes(ax, title: str, ylabel: str) -> None:
 
 
 def _legend(fig, axes) -> None:
+    """One legend for the figure, right of the panels."""
     labels: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             labels.setdefault(label, handle)
-    fig.legend(labels.values(), labels.keys(), loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.legend(labels.values(), labels.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
 
 
 def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    fig.savefig(path, dpi=110)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

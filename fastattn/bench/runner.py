@@ -2,8 +2,8 @@
 
 For each (case, mode, provider) the runner
 1. skips with a reason what a default sweep lists but does not time (the Triton interpreter and
-   compiled FlexAttention on CPU) and, on CPU, what would materialise more score matrices than the
-   host memory budget (running out of host memory kills the process instead of raising);
+   compiled FlexAttention on CPU) and, on CPU, what would materialise more score matrices than
+   :func:`host_memory_budget` (running out of host memory kills the process instead of raising);
 2. checks the provider's answer against the float64 reference (:mod:`.gate`): "wrong" rows carry
    the error and its bound, never a time;
 3. times it (:mod:`.timing`) and measures its peak memory.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -43,6 +43,12 @@ _OOM_MESSAGES = ("out of memory", "can't allocate memory")
 _MATERIALISED_COPIES = {"fwd": 3, "bwd": 6, "fwd+bwd": 6}
 
 
+def host_memory_budget() -> int:
+    """A 16th of this machine's physical memory: far from what would kill the process, and
+    materialising paths are the slowest too, so past it they would dominate a CPU sweep's time."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 16
+
+
 @dataclass(frozen=True)
 class Settings:
     """How a sweep runs.
@@ -57,7 +63,7 @@ class Settings:
     providers: tuple[Provider, ...]
     explicit_providers: bool = False
     min_run_time: float = 0.3
-    host_memory_bytes: int = 2**32
+    host_memory_bytes: int = field(default_factory=host_memory_budget)
 
 
 @dataclass(frozen=True)
@@ -85,11 +91,6 @@ class Row:
     @property
     def tflops(self) -> float | None:
         return None if self.timing is None else self.flops / self.timing.median_s / 1e12
-
-
-def host_memory_budget() -> int:
-    """A quarter of this machine's physical memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 def materialised_bytes(case: Case, mode: str) -> int:
@@ -124,15 +125,11 @@ def _timed_call(call: Call, mode: str, q: torch.Tensor, k: torch.Tensor, v: torc
     return lambda: torch.autograd.grad(call(q, k, v), (q, k, v), do)
 
 
-def _loadavg() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def _check_and_time(provider: Provider, case: Case, mode: str, settings: Settings) -> Row:
     device = settings.device
     gate = check(lambda c: provider.make(c, device), case, mode, device)
     if not gate.passed:
-        return Row(case, mode, provider.name, "wrong", gate.failure, gate=gate, loadavg=_loadavg())
+        return Row(case, mode, provider.name, "wrong", gate.failure, gate=gate, loadavg=os.getloadavg()[0])
     call = provider.make(case, device)
     grad = mode != "fwd"
     set_bytes = (2 * case.B * case.Hq * case.L + 2 * case.B * case.Hkv * case.S) * case.D * case.dtype.itemsize
@@ -146,7 +143,17 @@ def _check_and_time(provider: Provider, case: Case, mode: str, settings: Setting
     calls = [_timed_call(call, mode, *s) for s in sets]
     timing = time_cuda(calls) if device == "cuda" else time_cpu(calls[0], settings.min_run_time)
     peak = peak_memory_bytes(calls[0], device)
-    return Row(case, mode, provider.name, "ok", note=note, timing=timing, peak_bytes=peak, gate=gate, loadavg=_loadavg())
+    return Row(
+        case,
+        mode,
+        provider.name,
+        "ok",
+        note=note,
+        timing=timing,
+        peak_bytes=peak,
+        gate=gate,
+        loadavg=os.getloadavg()[0],
+    )
 
 
 def measure(provider: Provider, case: Case, mode: str, settings: Settings) -> Row:
@@ -166,7 +173,7 @@ def measure(provider: Provider, case: Case, mode: str, settings: Settings) -> Ro
                 return _check_and_time(provider, case, mode, settings)
         except Exception as e:
             status, reason = classify(e, caught)
-            return Row(case, mode, provider.name, status, reason, loadavg=_loadavg())
+            return Row(case, mode, provider.name, status, reason, loadavg=os.getloadavg()[0])
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -7,8 +7,8 @@ point of a plot does about the same work per token:
 * CUDA: the papers' grid (B*L = 16k tokens, Hq*D = 2048, D in 64/128/256, L = 512..16k, causal and
   not, bf16 and fp16), Llama-style grouped-query attention (32 query heads, 8 KV heads, D = 128,
   B*L = 16k) and long context (B = 1, the GQA heads, L = 32k..128k, causal);
-* CPU: the same families scaled to finish in about 3 minutes on 2 cores (B*L = 4096, Hq*D = 512,
-  L = 256..2048, float32; GQA 8/2 heads; one 8k-token causal case).
+* CPU: the same families scaled to finish in about 3 minutes on 2 idle cores (B*L = 2048,
+  Hq*D = 512, L = 512..2048, float32; GQA 8/2 heads; one 4k-token causal case).
 
 ``--quick`` shrinks both to a sweep of seconds (CPU) or a minute (CUDA).
 """
@@ -89,7 +89,11 @@ class Case:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Random normal (q, k, v) on `device`, never zeros (they hide unwritten outputs)."""
         g = torch.Generator(device=device).manual_seed(seed)
-        shapes = [(self.B, self.Hq, self.L, self.D), (self.B, self.Hkv, self.S, self.D), (self.B, self.Hkv, self.S, self.D)]
+        shapes = [
+            (self.B, self.Hq, self.L, self.D),
+            (self.B, self.Hkv, self.S, self.D),
+            (self.B, self.Hkv, self.S, self.D),
+        ]
         return tuple(
             torch.randn(s, generator=g, device=device, dtype=self.dtype).requires_grad_(requires_grad) for s in shapes
         )
@@ -153,9 +157,9 @@ def default_families(device: str, quick: bool) -> list[Family]:
             Family("gqa", 512, (256,), (64,), (True,), f32, heads=(4, 1)),
         ]
     return [
-        Family("mha", 4096, (256, 512, 1024, 2048), (64, 128), both, f32, hidden=512),
-        Family("gqa", 4096, (512, 2048), (64,), (True,), f32, heads=(8, 2)),
-        Family("long", 1, (8192,), (64,), (True,), f32, heads=(8, 2)),
+        Family("mha", 2048, (512, 1024, 2048), (64, 128), both, f32, hidden=512),
+        Family("gqa", 2048, (512, 2048), (64,), (True,), f32, heads=(8, 2)),
+        Family("long", 1, (4096,), (64,), (True,), f32, heads=(8, 2)),
     ]
 
 

@@ -4,7 +4,7 @@ GPU (CUDA events): a few calls estimate the time per call; then about 25 ms of w
 100 ms of timed calls (at least 10, at most 1000), each between its own pair of events, cycling
 through several input sets whose total size is several times the L2 cache, so no call finds its
 inputs left in L2 by the one before. CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` with
-this process's thread count, run long enough for at least ``MIN_CPU_SAMPLES`` blocks. Both report
+this process's thread count, and at least ``MIN_CPU_SAMPLES`` blocks. Both report
 the median with the 20th and 80th percentiles of the per-call times.
 
 Peak memory is what one call allocates at its peak beyond what was allocated before it (outputs
@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +32,13 @@ CUDA_WARMUP_S, CUDA_TIMED_S = 0.025, 0.100
 CUDA_MIN_REPS, CUDA_MAX_REPS = 10, 1000
 L2_MULTIPLE = 4  # rotated input sets add up to at least this many L2 caches
 MAX_INPUT_SETS = 16
+# (matmul n, copy bytes) of the ceiling measurements per (device, quick).
+CEILING_SIZES = {
+    ("cuda", False): (8192, 2**30),
+    ("cuda", True): (4096, 2**28),
+    ("cpu", False): (2048, 2**28),
+    ("cpu", True): (512, 2**24),
+}
 
 
 @dataclass(frozen=True)
@@ -46,23 +52,21 @@ class Timing:
 
 
 def summarize(times: Sequence[float]) -> Timing:
-    """Median and p20/p80 (inclusive quantiles, so they stay within the samples)."""
+    """Median and p20/p80 of two or more samples (inclusive quantiles: within the samples)."""
     ordered = sorted(times)
-    if len(ordered) == 1:
-        return Timing(ordered[0], ordered[0], ordered[0], 1)
     deciles = statistics.quantiles(ordered, n=10, method="inclusive")
     return Timing(statistics.median(ordered), deciles[1], deciles[7], len(ordered))
 
 
 def time_cpu(fn: Callable[[], object], min_run_time: float) -> Timing:
-    """Per-call time of `fn` on CPU: one warm-up call (which also sizes the run), then
-    blocked_autorange for at least max(min_run_time, MIN_CPU_SAMPLES warm-up calls)."""
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
+    """Per-call time of `fn` on CPU: blocked_autorange (its block-size estimate is the warm-up)
+    for min_run_time seconds, then more blocks until there are MIN_CPU_SAMPLES."""
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    m = timer.blocked_autorange(min_run_time=max(min_run_time, MIN_CPU_SAMPLES * once))
-    return summarize(m.times)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = list(m.times)
+    while len(times) < MIN_CPU_SAMPLES:
+        times += timer.timeit(m.number_per_run).times
+    return summarize(times)
 
 
 def time_cuda(calls: Sequence[Callable[[], object]]) -> Timing:
@@ -147,10 +151,7 @@ def measure_ceilings(device: str, dtypes: Sequence[torch.dtype], quick: bool) ->
     """This machine's reach, measured now: matmul TFLOP/s per dtype (an n x n product, 2*n^3
     FLOPs) and device-to-device copy GB/s (bytes read plus bytes written), each from the
     20th-percentile time: what the machine reaches, less the noise of whatever else runs on it."""
-    n = {("cuda", False): 8192, ("cuda", True): 4096, ("cpu", False): 2048, ("cpu", True): 512}[(device, quick)]
-    copy_bytes = {("cuda", False): 2**30, ("cuda", True): 2**28, ("cpu", False): 2**28, ("cpu", True): 2**24}[
-        (device, quick
-    )]
+    n, copy_bytes = CEILING_SIZES[(device, quick)]
     budget = 0.05 if quick else 0.5
     matmul = {}
     for dtype in dict.fromkeys(dtypes):
