@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import fastattn
+from fastattn.__main__ import cpu_name
 from fastattn.cpu_fallback import sdpa_cpu_reasons, tiled_attention
 from fastattn.inputs import canonicalize
 
@@ -38,17 +39,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Error budget of the correctness check, against SDPA in the same dtype (both compute in fp32).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:

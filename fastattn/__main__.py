@@ -134,7 +134,7 @@ def environment_lines() -> list[str]:
         lines.append(f"numpy     {numpy.__version__}")
     except ImportError as e:
         lines.append(f"numpy     not importable: {e}")
-    lines.append(f"cpu       {_cpu_name()}")
+    lines.append(f"cpu       {cpu_name()}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
@@ -166,7 +166,8 @@ def _kernel_flavour() -> str:
         return f"cannot be loaded: {_one_line(e)}"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

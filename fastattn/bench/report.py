@@ -29,7 +29,7 @@ import torch
 
 import fastattn
 from fastattn import dispatch
-from fastattn.__main__ import _cpu_name, environment_lines
+from fastattn.__main__ import cpu_name, environment_lines
 
 from .runner import Row, Settings
 from .sweep import DTYPE_NAMES, MODES
@@ -84,7 +84,7 @@ def _triton_version() -> str:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return _cpu_name()
+    return cpu_name()
 
 
 def metadata(settings: Settings, command: str, ceilings: dict) -> dict:
