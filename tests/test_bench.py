@@ -297,6 +297,7 @@ def test_csv_and_json_rows_carry_the_metadata(swept, tmp_path):
     summary = md.split("## Summary: fastattn vs SDPA")[1]
     assert f"| fwd | mha {TINY.label} |" in summary
     assert "- bwd: no fastattn time in any case (unsupported: NotImplementedError: no backward pass yet)" in summary
+    assert "- fwd: fastattn vs SDPA's own choice over 2 cases: geometric mean" in summary
 
 
 def test_png_plots_are_written(swept, tmp_path):

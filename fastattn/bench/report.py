@@ -271,14 +271,19 @@ def summary_markdown(records: Sequence[dict], provider: str = "fastattn") -> str
                 + " |"
             )
             timed = True
-    speedups = [r["speedup_vs_sdpa"] for r in records if r["provider"] == provider and r["speedup_vs_sdpa"]]
     out = table if timed else []
-    if speedups:
-        geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
-        lines.append(
-            f"- {provider} vs SDPA's own choice over {len(speedups)} timed rows: geometric mean {geomean:.2f}x, "
-            f"range {min(speedups):.2f}x–{max(speedups):.2f}x (> 1: {provider} is faster)"
-        )
+    for mode in MODES:
+        speedups = [
+            r["speedup_vs_sdpa"]
+            for r in records
+            if r["mode"] == mode and r["provider"] == provider and r["speedup_vs_sdpa"]
+        ]
+        if speedups:
+            geomean = math.exp(sum(math.log(s) for s in speedups) / len(speedups))
+            lines.append(
+                f"- {mode}: {provider} vs SDPA's own choice over {len(speedups)} cases: geometric mean "
+                f"{geomean:.2f}x, range {min(speedups):.2f}x–{max(speedups):.2f}x (> 1: {provider} is faster)"
+            )
     return "\n".join(out + ([""] if out and lines else []) + lines) + "\n"
 
 
