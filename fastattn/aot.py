@@ -160,12 +160,17 @@ def compile_forward(
     config: ForwardConfig | None = None,
 ) -> CompileReport:
     """Compile one forward specialisation for sm_<arch> and report its resource use."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     masked = VARIANTS[variant][1] != 0
     config = config or forward_config(head_dim, head_dim_v, dtype, (arch // 10, arch % 10), masked=masked)
     src = forward_source(dtype, head_dim, head_dim_v, config, variant)
+    return compile_report(src, dtype, head_dim, head_dim_v, arch, config, variant)
+
+
+def compile_report(src, dtype: torch.dtype, head_dim: int, head_dim_v: int, arch: int, config, variant: str):
+    """Compile `src` for sm_<arch> with `config` (block sizes, warps, stages) and report its resource use."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),

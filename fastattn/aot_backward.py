@@ -17,7 +17,7 @@ from dataclasses import asdict, replace
 
 import torch
 
-from .aot import _TRITON_DTYPE, SHARED_MEMORY_LIMIT, VARIANTS, CompileReport, _resource_usage, format_row
+from .aot import _TRITON_DTYPE, VARIANTS, CompileReport, compile_report, format_row
 from .launcher_backward import TileConfig, backward_config, preprocess_block_m
 
 KERNELS = ("dkdv", "dq", "preprocess")
@@ -108,9 +108,6 @@ def compile_backward(
 
     The report's variant reads "<kernel>:<variant>" (kernel one of dkdv, dq, preprocess).
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     if tile is None:
         masked = VARIANTS[variant][1] != 0
         config = backward_config(head_dim, head_dim_v, dtype, (arch // 10, arch % 10), masked=masked)
@@ -118,30 +115,7 @@ def compile_backward(
         if kernel_name == "preprocess":
             tile = replace(tile, block_m=preprocess_block_m(head_dim_v), block_n=0, num_warps=4, num_stages=1)
     src = backward_source(kernel_name, dtype, head_dim, head_dim_v, tile, variant)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": tile.num_warps, "num_stages": tile.num_stages},
-    )
-    regs, st, ld, stack, hgmma = _resource_usage(compiled.asm["cubin"])
-    return CompileReport(
-        arch=arch,
-        dtype=_TRITON_DTYPE[dtype],
-        head_dim=head_dim,
-        head_dim_v=head_dim_v,
-        block_m=tile.block_m,
-        block_n=tile.block_n,
-        num_warps=tile.num_warps,
-        num_stages=tile.num_stages,
-        variant=f"{kernel_name}:{variant}",
-        registers=regs,
-        spill_stores=st,
-        spill_loads=ld,
-        stack_bytes=stack,
-        shared_bytes=compiled.metadata.shared,
-        shared_limit=SHARED_MEMORY_LIMIT[arch],
-        hgmma=hgmma,
-    )
+    return compile_report(src, dtype, head_dim, head_dim_v, arch, tile, f"{kernel_name}:{variant}")
 
 
 def _compile_job(job) -> dict:
