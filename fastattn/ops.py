@@ -18,7 +18,14 @@ _NO_MASK_GRAD = (0,)  # dmask placeholder shape when the mask needs no gradient
 
 def _problem(q, k, v, mask, causal_offset, scale) -> Problem:
     return Problem(
-        q=q, k=k, v=v, mask=mask, causal_offset=causal_offset, scale=scale, batch_shape=(q.shape[0],), squeeze_heads=False
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        causal_offset=causal_offset,
+        scale=scale,
+        batch_shape=(q.shape[0],),
+        squeeze_heads=False,
     )
 
 
