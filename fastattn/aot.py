@@ -115,7 +115,7 @@ def forward_source(dtype: torch.dtype, head_dim: int, head_dim_v: int, config: F
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "qk_scale_lo"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

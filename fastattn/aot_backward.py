@@ -85,7 +85,7 @@ def backward_source(
             signature[name] = "constexpr"
         elif name in pointers:
             signature[name] = "*" + pointers[name]
-        elif name in ("qk_scale", "scale"):
+        elif name in ("qk_scale", "qk_scale_lo", "scale", "scale_lo"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"

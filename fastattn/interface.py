@@ -55,8 +55,9 @@ def attention(
             backend that cannot serve the call raises BackendUnavailable (a ValueError) listing
             every reason.
 
-    dtypes: float16, bfloat16, float32 (float64 on the "cpu" and "reference" backends); the
-    output has the input dtype. float32 matmuls on CUDA use TF32 only when
+    dtypes: float16, bfloat16, float32; float64 on the "cpu" and "reference" backends, and on
+    "triton" for CPU tensors through the interpreter (for gradient checks). The output has the
+    input dtype. float32 matmuls on CUDA use TF32 only when
     ``torch.backends.cuda.matmul.allow_tf32`` is True, as in the rest of PyTorch.
 
     Rows with nothing to attend to (every key masked out, or S = 0) give output 0 and lse = -inf,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 
 import torch
 
 from .configs import ForwardConfig, forward_config, padded_head_dim
-from .inputs import Problem
+from .inputs import Problem, lse_dtype
 from .kernels import forward as forward_kernels
 from .kernels import interpreted
 
@@ -84,11 +85,22 @@ def _large_offsets(p: Problem, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def _input_precision(p: Problem, interpret: bool) -> str:
     if p.dtype == torch.float32 and not interpret:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "ieee" if interpret else "tf32"  # ignored for 16-bit operands
+    if interpret or p.dtype == torch.float64:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit operands
+
+
+def split_scale(x: float) -> tuple[float, float]:
+    """(hi, lo) float32 values with hi + lo = x to ~48 bits: kernel float arguments are float32, and
+    the float64 kernels multiply by both halves (narrower ones use hi)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    lo = struct.unpack("f", struct.pack("f", x - hi))[0]
+    return hi, lo
 
 
 def triton_attention_forward(p: Problem, config: ForwardConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the fused forward kernel: (out (B, Hq, L, Ev) in the input dtype, lse (B, Hq, L) fp32).
+    """Run the fused forward kernel: (out (B, Hq, L, Ev) in the input dtype, lse (B, Hq, L) float32,
+    float64 for float64 inputs).
 
     The kernel is compiled for the GPU, or run by Triton's interpreter when the process has it on
     (TRITON_INTERPRET=1; the only way CPU tensors can run it).
@@ -102,7 +114,7 @@ def triton_attention_forward(p: Problem, config: ForwardConfig | None = None) ->
         config = forward_config(head_dim, head_dim_v, p.dtype, capability, masked=p.mask is not None)
     q, k, v = (_last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     out = torch.empty(B, Hq, L, Ev, dtype=p.dtype, device=p.device)
-    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=p.device)
+    lse = torch.empty(B, Hq, L, dtype=lse_dtype(p.dtype), device=p.device)
 
     if p.mask is None:
         mask_kind = 0
@@ -128,7 +140,7 @@ def triton_attention_forward(p: Problem, config: ForwardConfig | None = None) ->
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    qk_scale = p.scale * 1.4426950408889634  # exp2 is one instruction; fold log2(e) into the scale
+    qk_scale = split_scale(p.scale * 1.4426950408889634)  # exp2 is one instruction: fold in log2(e)
     m_blocks = math.ceil(L / config.block_m)
     with torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext():
         for b0 in range(0, B, MAX_GRID_YZ):
@@ -159,7 +171,7 @@ def triton_attention_forward(p: Problem, config: ForwardConfig | None = None) ->
                 S,
                 E,
                 Ev,
-                qk_scale,
+                *qk_scale,
                 p.causal_offset or 0,
                 **launch,
             )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .configs import padded_head_dim
-from .inputs import Problem
+from .inputs import Problem, lse_dtype
 from .kernels import backward as backward_kernels
 from .kernels import interpreted
 from .launcher import (
@@ -27,6 +27,7 @@ from .launcher import (
     _input_precision,
     _last_dim_contiguous,
     mask_block_lists,
+    split_scale,
 )
 
 
@@ -164,10 +165,11 @@ def triton_attention_backward(
         capability = None if p.device.type != "cuda" else torch.cuda.get_device_capability(p.device)
         config = backward_config(head_dim, head_dim_v, p.dtype, capability, masked=p.mask is not None)
     q, k, v, out, dout = (_last_dim_contiguous(t) for t in (p.q, p.k, p.v, out, dout))
-    lse = lse.to(torch.float32).contiguous()
-    delta = torch.empty(B, Hq, L, dtype=torch.float32, device=p.device)
+    acc_dtype = lse_dtype(p.dtype)
+    lse = lse.to(acc_dtype).contiguous()
+    delta = torch.empty(B, Hq, L, dtype=acc_dtype, device=p.device)
     has_dlse = dlse is not None
-    dlse = dlse.to(torch.float32).contiguous() if has_dlse else delta
+    dlse = dlse.to(acc_dtype).contiguous() if has_dlse else delta
 
     if p.mask is None:
         mask_kind = 0
@@ -202,9 +204,9 @@ def triton_attention_backward(
             num_stages=c.num_stages,
         )
 
-    qk_scale = p.scale * 1.4426950408889634  # exp2 is one instruction; fold log2(e) into the scale
+    qk_scale = split_scale(p.scale * 1.4426950408889634)  # exp2 is one instruction: fold in log2(e)
     pre_block_m = preprocess_block_m(head_dim_v)
-    scalars = (Hq, p.group, L, S, E, Ev, qk_scale, p.scale, p.causal_offset or 0)
+    scalars = (Hq, p.group, L, S, E, Ev, *qk_scale, *split_scale(p.scale), p.causal_offset or 0)
     with torch.cuda.device(p.device) if p.device.type == "cuda" else contextlib.nullcontext():
         for b0 in range(0, B, MAX_GRID_YZ):
             b1 = min(B, b0 + MAX_GRID_YZ)

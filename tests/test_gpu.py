@@ -43,6 +43,14 @@ def test_auto_picks_triton_on_cuda():
     assert choose_backend("auto", canonicalize(q, q, q)).name == "triton"
 
 
+def test_float64_on_cuda_takes_the_fallback():
+    """The float64 kernels run only in the interpreter: on CUDA, auto takes "cpu" and triton refuses."""
+    q = torch.randn(1, 2, 64, 32, device="cuda", dtype=torch.float64)
+    assert choose_backend("auto", canonicalize(q, q, q)).name == "cpu"
+    with pytest.raises(fastattn.BackendUnavailable, match="float64"):
+        fastattn.attention(q, q, q, backend="triton")
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("case", PARITY_CASES, ids=[c.id for c in PARITY_CASES])
 def test_gpu_parity(case, dtype):

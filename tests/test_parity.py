@@ -1,9 +1,10 @@
 """The parity matrix: every backend against the float64 reference with the error-ratio rule.
 
 One list of named cases, each run on every (backend, dtype) pair the dispatcher declares it can
-serve for CPU tensors: "cpu" in float32/float16/bfloat16, "triton" (through Triton's interpreter,
-slow: small B*H, few long sequences) in float32/float16; Triton's interpreter computes bfloat16
-`tl.dot` wrongly, so the dispatcher refuses bf16 there and those pairs are skipped with its reason.
+serve for CPU tensors: "cpu" in float64/float32/float16/bfloat16, "triton" (through Triton's
+interpreter, slow: small B*H, few long sequences) in float64/float32/float16; Triton's interpreter
+computes bfloat16 `tl.dot` wrongly, so the dispatcher refuses bf16 there and those pairs are skipped
+with its reason. In float64 the baseline is the oracle's own precision, so the floor (1e-12) rules.
 
 Together the cases cover L and S in {1, 7, 17, 63, 64, 65, 127, 129, 1000} with L != S, head dims
 {16, 32, 40, 64, 80, 96, 128, 160, 192, 256} with E != Ev, causal in both alignments, bool and
@@ -32,7 +33,9 @@ SLOW_CASES = sweep_cases()
 
 def backend_dtypes():
     """(backend, dtype) pairs; those the dispatcher refuses for CPU tensors skip with its reasons."""
-    for backend, dtype in itertools.product(("cpu", "triton"), (torch.float32, torch.float16, torch.bfloat16)):
+    for backend, dtype in itertools.product(
+        ("cpu", "triton"), (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    ):
         probe = torch.zeros(1, 1, 1, 16, dtype=dtype)
         reasons = unsupported_reasons(backend, canonicalize(probe, probe, probe))
         marks = [pytest.mark.skip(reason="; ".join(reasons))] if reasons else []

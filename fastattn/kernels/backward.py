@@ -12,7 +12,9 @@ into delta). Each output element is written by exactly one program, which sums i
 fixed order: no atomics, so results are bitwise identical from run to run. Grouped-query heads
 are summed inside the dK/dV program that owns the shared KV head (no repeated K/V).
 
-Scores are in log2 units (log2(e) folded into qk_scale) so each exponential is one exp2. Rows with
+Scores are in log2 units (log2(e) folded into qk_scale) so each exponential is one exp2. lse,
+delta and the accumulators are float32, float64 for float64 inputs; a float64 scale arrives split in
+two float32 halves (qk_scale + qk_scale_lo, scale + scale_lo; see forward._scaled). Rows with
 lse = -inf (no key to attend to) get P = 0: their lse is read as +inf, so every exp2 underflows to
 0 and no (-inf) - (-inf) is ever formed. Edge handling uses the forward's constexpr flags
 (CHECK_M / CHECK_N / CHECK_E / CHECK_EV / IS_CAUSAL / MASK_KIND / LARGE_OFFSETS).
@@ -21,7 +23,7 @@ lse = -inf (no key to attend to) get P = 0: their lse is read as +inf, so every 
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _load_tile
+from .forward import LOG2E, _load_tile, _scaled, mask_scores, scores_tile
 
 
 @triton.jit
@@ -33,7 +35,9 @@ def attention_backward_preprocess_kernel(
     HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_EV: tl.constexpr, HAS_DLSE: tl.constexpr,
 ):
-    """Delta (B, H, L) fp32 = rowsum(dO * O) [- dLse]. grid: (cdiv(L, BLOCK_M), H, B)."""
+    """Delta (B, H, L) = rowsum(dO * O) [- dLse], float32 (float64 for float64 inputs).
+
+    grid: (cdiv(L, BLOCK_M), H, B)."""
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -47,7 +51,8 @@ def attention_backward_preprocess_kernel(
     do_ptrs = DOut + b * stride_dob + h * stride_doh + m0_64 * stride_dom
     do = _load_tile(do_ptrs + local_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    acc_ty: tl.constexpr = tl.float64 if Out.dtype.element_ty == tl.float64 else tl.float32
+    delta = tl.sum(o.to(acc_ty) * do.to(acc_ty), 1)
     row_ptrs = (b * H + h) * L + offs_m
     if HAS_DLSE:
         if CHECK_M:
@@ -81,7 +86,7 @@ def _dkdv_query_block(
     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, causal_offset,
+    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -98,16 +103,10 @@ def _dkdv_query_block(
         rows_q = rows[:, None]
     q = _load_tile(Q_head + rows_q * stride_qm + offs_dk[None, :] * stride_qk, rows, L, offs_dk, E, CHECK_M, CHECK_E)
     lse2 = _lse_log2(Lse_row, rows, L, CHECK_M)
-    qkT = tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION) * qk_scale
-    if MASK_KIND != 0:
-        m_ptrs = M_cols + local_n[:, None] * stride_mn + tl.trans(rows_q) * stride_mm
-        mask = _load_tile(m_ptrs, offs_n, S, rows, L, CHECK_N, CHECK_M)
-        if MASK_KIND == 1:
-            qkT = tl.where(mask != 0, qkT, float("-inf"))
-        else:
-            qkT = qkT + mask.to(tl.float32) * LOG2E
-    if APPLY_CAUSAL:
-        qkT = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, qkT, float("-inf"))
+    qkT = _scaled(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
+    m_tile = M_cols + local_n[:, None] * stride_mn + tl.trans(rows_q) * stride_mm
+    qkT = mask_scores(qkT, m_tile, offs_n, S, rows, L, offs_n[:, None], rows[None, :], causal_offset,
+                      MASK_KIND, CHECK_N, CHECK_M, APPLY_CAUSAL)
     pT = tl.math.exp2(qkT - lse2[None, :])
     do = _load_tile(DO_head + rows_q * stride_dom + offs_dv[None, :] * stride_dok,
                     rows, L, offs_dv, EV, CHECK_M, CHECK_EV)
@@ -132,7 +131,7 @@ def attention_backward_dkdv_kernel(
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in,
     H, GROUP, L, S, E, EV,
-    qk_scale, scale, causal_offset,
+    qk_scale, qk_scale_lo, scale, scale_lo, causal_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -167,8 +166,9 @@ def attention_backward_dkdv_kernel(
     v_ptrs = V + b * stride_vb + kvh * stride_vh + n0_64 * stride_vn
     v = _load_tile(v_ptrs + local_n[:, None] * stride_vn + offs_dv[None, :] * stride_vk,
                    offs_n, S, offs_dv, EV, CHECK_N, CHECK_EV)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=acc_ty)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=acc_ty)
 
     for g in range(0, GROUP):
         h = kvh * GROUP + g
@@ -189,7 +189,7 @@ def attention_backward_dkdv_kernel(
                         dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
                         start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                         stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                        L, S, E, EV, qk_scale, causal_offset,
+                        L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                         0, CHECK_M, CHECK_N, True, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
             else:
                 full_start = 0
@@ -198,7 +198,7 @@ def attention_backward_dkdv_kernel(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, causal_offset,
+                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                     0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         else:
             count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
@@ -211,7 +211,7 @@ def attention_backward_dkdv_kernel(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, causal_offset,
+                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                     0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
             for i in range(n_full, n_full + n_cut):
                 start_m = tl.load(index_ptr + i) * BLOCK_M
@@ -219,10 +219,10 @@ def attention_backward_dkdv_kernel(
                     dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, causal_offset,
+                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                     MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
 
-    dk = dk * scale
+    dk = _scaled(dk, scale, scale_lo)
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + n0_64 * stride_dkn
     dk_ptrs = dk_ptrs + local_n[:, None] * stride_dkn + offs_dk[None, :] * stride_dkk
     dv_ptrs = DV + b * stride_dvb + kvh * stride_dvh + n0_64 * stride_dvn
@@ -250,7 +250,7 @@ def _dq_key_block(
     dq, q, do, lse2, delta, K_head, V_head, M_rows,
     start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, causal_offset,
+    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -261,18 +261,9 @@ def _dq_key_block(
     else:
         rows_kv = cols[:, None]
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    if MASK_KIND != 0:
-        m_ptrs = M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn
-        mask = _load_tile(m_ptrs, offs_m, L, cols, S, CHECK_M, CHECK_N)
-        if MASK_KIND == 1:
-            qk = tl.where(mask != 0, qk, float("-inf"))
-        else:
-            qk = qk + mask.to(tl.float32) * LOG2E
-    if APPLY_CAUSAL:
-        qk = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, qk, float("-inf"))
-    if CHECK_N:  # keys past S would add to every row of dQ
-        qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+    # CHECK_N: keys past S would add to every row of dQ; scores_tile sets them to -inf.
+    qk = scores_tile(q, k, M_rows, offs_m, local_m, cols, rows_kv, stride_mm, stride_mn, L, S,
+                     qk_scale, qk_scale_lo, causal_offset, MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL, INPUT_PRECISION)
     p = tl.math.exp2(qk - lse2[:, None])
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -293,7 +284,7 @@ def attention_backward_dq_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     H, GROUP, L, S, E, EV,
-    qk_scale, scale, causal_offset,
+    qk_scale, qk_scale_lo, scale, scale_lo, causal_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
@@ -330,7 +321,8 @@ def attention_backward_dq_kernel(
     K_head = K + b * stride_kb + kvh * stride_kh
     V_head = V + b * stride_vb + kvh * stride_vh
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=acc_ty)
 
     if MASK_KIND == 0:
         if IS_CAUSAL:
@@ -346,7 +338,7 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, M_rows,
                 start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         if IS_CAUSAL or CHECK_N:
             for start_n in range(full_end, hi, BLOCK_N):
@@ -354,7 +346,7 @@ def attention_backward_dq_kernel(
                     dq, q, do, lse2, delta, K_head, V_head, M_rows,
                     start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
                     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, causal_offset,
+                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                     0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
     else:
         count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
@@ -367,7 +359,7 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, M_rows,
                 start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         for i in range(n_full, n_full + n_cut):
             start_n = tl.load(index_ptr + i) * BLOCK_N
@@ -375,10 +367,10 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse2, delta, K_head, V_head, M_rows,
                 start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
 
-    dq = dq * scale
+    dq = _scaled(dq, scale, scale_lo)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m0_64 * stride_dqm
     dq_ptrs = dq_ptrs + local_m[:, None] * stride_dqm + offs_dk[None, :] * stride_dqk
     _store_tile(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, L, offs_dk, E, CHECK_M, CHECK_E)

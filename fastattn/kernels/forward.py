@@ -3,8 +3,9 @@
     out[i] = sum_j softmax_j(scale * q_i . k_j + mask_ij) v_j,   lse[i] = log sum_j exp(...)
 
 One program owns BLOCK_M query rows of one (batch, query head); K/V blocks of BLOCK_N positions
-stream past while a running max (m_i) and sum (l_i) rescale the fp32 accumulator. Scores are kept
-in log2 units (log2(e) folded into the scale) so each exponential is one exp2.
+stream past while a running max (m_i) and sum (l_i) rescale the accumulator (float32;
+float64 for float64 inputs). Scores are kept in log2 units (log2(e) folded into the scale) so each
+exponential is one exp2.
 
 Edge handling is specialised with constexpr flags so that full tiles run without any masking:
 CHECK_M / CHECK_N (L or S not a multiple of the block), CHECK_E / CHECK_EV (head dims padded to a
@@ -35,11 +36,61 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
 
 
 @triton.jit
+def _scaled(x, hi, lo):
+    """x * (hi + lo). Kernel float arguments arrive as float32, so a float64 scale comes split in two
+    float32 halves (hi = fp32(scale), lo = fp32(scale - hi), ~48 bits together); narrower x uses hi."""
+    if x.dtype == tl.float64:
+        y = x * hi + x * lo
+    else:
+        y = x * hi
+    return y
+
+
+@triton.jit
+def mask_scores(
+    s, M_tile, rows, n_rows, cols, n_cols, key_idx, query_idx, causal_offset,
+    MASK_KIND: tl.constexpr, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+):
+    """A score tile s (log2 units) with its mask applied: the mask tile at pointers M_tile added
+    (float, converted to log2 units) or -inf where False (bool); -inf where key_idx > query_idx +
+    causal_offset. Keys may lie along either axis (the dK/dV kernel works on transposed tiles):
+    key_idx and query_idx broadcast to the tile; rows/cols bound the mask load."""
+    if MASK_KIND != 0:
+        mask = _load_tile(M_tile, rows, n_rows, cols, n_cols, CHECK_ROWS, CHECK_COLS)
+        if MASK_KIND == 1:
+            s = tl.where(mask != 0, s, float("-inf"))
+        else:
+            s = s + mask.to(s.dtype) * LOG2E
+    if APPLY_CAUSAL:
+        s = tl.where(key_idx <= query_idx + causal_offset, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def scores_tile(
+    q, k, M_rows, offs_m, local_m, cols, rows_kv, stride_mm, stride_mn, L, S,
+    qk_scale, qk_scale_lo, causal_offset,
+    MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Scores (BLOCK_M, BLOCK_N) in log2 units of query rows offs_m against key positions cols:
+    qk_scale * q k^T plus the mask tile (M_rows: the mask at row offs_m[0]; -inf where a bool mask is
+    False), -inf where causality or the end of S (CHECK_N) hides the key."""
+    qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
+    m_tile = M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn
+    qk = mask_scores(qk, m_tile, offs_m, L, cols, S, cols[None, :], offs_m[:, None], causal_offset,
+                     MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL)
+    if CHECK_N:
+        qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
 def _attend_kv_block(
     acc, l_i, m_i, q, K_head, V_head, M_rows,
     start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, causal_offset,
+    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -52,18 +103,8 @@ def _attend_kv_block(
     else:
         rows_kv = cols[:, None]
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale
-    if MASK_KIND != 0:
-        m_ptrs = M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn
-        mask = _load_tile(m_ptrs, offs_m, L, cols, S, CHECK_M, CHECK_N)
-        if MASK_KIND == 1:
-            qk = tl.where(mask != 0, qk, float("-inf"))
-        else:
-            qk = qk + mask.to(tl.float32) * LOG2E
-    if APPLY_CAUSAL:
-        qk = tl.where(cols[None, :] <= offs_m[:, None] + causal_offset, qk, float("-inf"))
-    if CHECK_N:
-        qk = tl.where(cols[None, :] < S, qk, float("-inf"))
+    qk = scores_tile(q, k, M_rows, offs_m, local_m, cols, rows_kv, stride_mm, stride_mn, L, S,
+                     qk_scale, qk_scale_lo, causal_offset, MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL, INPUT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no key yet has m = -inf; subtracting it would give (-inf) - (-inf) = NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -87,17 +128,19 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     H, GROUP, L, S, E, EV,
-    qk_scale, causal_offset,
+    qk_scale, qk_scale_lo, causal_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Out (B, H, L, EV) and Lse (B, H, L) fp32 of softmax(qk_scale * Q K^T [+ mask]) V in log2 units.
+    """Out (B, H, L, EV) and Lse (B, H, L) of softmax(qk_scale * Q K^T [+ mask]) V in log2 units.
 
     grid: (cdiv(L, BLOCK_M), H, B). Query head h reads KV head h // GROUP.
-    qk_scale = scale * log2(e). Causal: key j is visible to query i when j <= i + causal_offset.
+    Lse and the accumulators are float32, float64 for float64 inputs. qk_scale = scale * log2(e)
+    (+ qk_scale_lo, its float32 remainder, used by float64 inputs only). Causal: key j is visible
+    to query i when j <= i + causal_offset.
     Without a mask, key blocks are visited as ranges: full blocks first, then the blocks that the
     diagonal or the end of S cut. With a mask (MASK_KIND 1 bool, 2 float; broadcast dims have
     stride 0), the host lists per (b, h, query block) the key blocks to visit: BlockCount[..., 0]
@@ -125,9 +168,10 @@ def attention_forward_kernel(
     V_head = V + b * stride_vb + kvh * stride_vh
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+    acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_ty)
+    l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=acc_ty)
 
     if MASK_KIND == 0:
         if IS_CAUSAL:
@@ -144,14 +188,14 @@ def attention_forward_kernel(
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         if IS_CAUSAL or CHECK_N:  # the blocks the diagonal or the end of S cut
             for start_n in range(full_end, hi, BLOCK_N):
                 acc, l_i, m_i = _attend_kv_block(
                     acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                     stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, causal_offset,
+                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                     0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
     else:
         count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
@@ -163,14 +207,14 @@ def attention_forward_kernel(
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
         for i in range(n_full, n_full + n_cut):
             start_n = tl.load(index_ptr + i) * BLOCK_N
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, K_head, V_head, M_rows, start_n, offs_m, local_m, offs_n, offs_dk, offs_dv,
                 stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, causal_offset,
+                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
                 MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
 
     dead = l_i == 0.0
