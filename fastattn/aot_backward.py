@@ -72,6 +72,8 @@ def backward_source(
             "LARGE_OFFSETS": False,
             "INPUT_PRECISION": "tf32",
         }
+        if kernel_name == "dkdv":
+            constexprs["KEY_MAJOR"] = tile.key_major
     # Unit strides of the last dims are specialised to 1, as triton does at launch.
     names = kernel.arg_names
     for name in (*_UNIT_STRIDES, "stride_dqk"):
@@ -106,7 +108,8 @@ def compile_backward(
 ) -> CompileReport:
     """Compile one backward kernel specialisation for sm_<arch> and report its resource use.
 
-    The report's variant reads "<kernel>:<variant>" (kernel one of dkdv, dq, preprocess).
+    The report's variant reads "<kernel>:<variant>" (kernel one of dkdv, dq, preprocess), with
+    ":key-major" appended for a key-major dK/dV tile.
     """
     if tile is None:
         masked = VARIANTS[variant][1] != 0
@@ -115,7 +118,8 @@ def compile_backward(
         if kernel_name == "preprocess":
             tile = replace(tile, block_m=preprocess_block_m(head_dim_v), block_n=0, num_warps=4, num_stages=1)
     src = backward_source(kernel_name, dtype, head_dim, head_dim_v, tile, variant)
-    return compile_report(src, dtype, head_dim, head_dim_v, arch, tile, f"{kernel_name}:{variant}")
+    orientation = ":key-major" if kernel_name == "dkdv" and tile.key_major else ""
+    return compile_report(src, dtype, head_dim, head_dim_v, arch, tile, f"{kernel_name}:{variant}{orientation}")
 
 
 def _compile_job(job) -> dict:
@@ -124,6 +128,47 @@ def _compile_job(job) -> dict:
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# Tile candidates of --search, best first: (BLOCK_M, BLOCK_N, warps). For dK/dV a wider key block
+# (BLOCK_N) means fewer passes over Q and dO (each program reads all of them once), so BLOCK_N leads;
+# for dQ the query block (BLOCK_M) leads, for the same reason with K and V.
+SEARCH_CANDIDATES = {
+    "dkdv": [
+        (32, 128, 8),
+        (16, 128, 8),
+        (64, 64, 8),
+        (32, 64, 8),
+        (16, 64, 8),
+        (32, 64, 4),
+        (16, 64, 4),
+        (32, 32, 8),
+        (32, 32, 4),
+        (16, 32, 4),
+        (16, 16, 4),
+    ],
+    "dq": [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (32, 16, 4), (16, 16, 4)],
+}
+# The variants a tile must compile spill-free in to be chosen (the costliest kernel flavours).
+SEARCH_VARIANTS = ("plain", "causal-ragged", "bool-mask-ragged", "float-mask-causal")
+
+
+def search_tiles(
+    kernel_name: str, dtype: torch.dtype, head_dim: int, arch: int, stages: int, pool
+) -> list[tuple[TileConfig, list[dict]]]:
+    """Compile SEARCH_CANDIDATES[kernel_name] in order (dK/dV: each tile query-major, then
+    key-major); stop at the first whose SEARCH_VARIANTS all compile without spills and fit in
+    shared memory. Returns every (tile, reports) tried, the chosen one last (unless none fit)."""
+    tried = []
+    orientations = (False, True) if kernel_name == "dkdv" else (False,)
+    for bm, bn, warps in SEARCH_CANDIDATES[kernel_name]:
+        for key_major in orientations:
+            tile = TileConfig(bm, bn, warps, stages, key_major)
+            jobs = [(kernel_name, dtype, head_dim, head_dim, arch, v, tile) for v in SEARCH_VARIANTS]
+            rows = list(pool.map(_compile_job, jobs))
+            tried.append((tile, rows))
+            if all(r["spill_stores"] == r["spill_loads"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in rows):
+                return tried
+    return tried
 
 
 def main(argv=None) -> int:
@@ -136,6 +181,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tile", default="", help="BLOCK_M,BLOCK_N,warps,stages to try instead of the config")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="for each kernel, arch, dtype and head dim, find the first spill-free tile of SEARCH_CANDIDATES "
+        "(sm_90: 3 stages, sm_80: 2) and print every candidate tried",
+    )
     args = parser.parse_args(argv)
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     tile = TileConfig(*(int(x) for x in args.tile.split(","))) if args.tile else None
@@ -147,6 +198,8 @@ def main(argv=None) -> int:
         for hd in args.head_dims.split(",")
         for variant in variants
     ]
+    if args.search:
+        return _search_main(args)
     if not args.json:
         print(
             "| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |"
@@ -158,6 +211,30 @@ def main(argv=None) -> int:
             bad += r["shared_bytes"] > r["shared_limit"]
             print(json.dumps(r) if args.json else format_row(r), flush=True)
     return 1 if bad else 0
+
+
+def _search_main(args) -> int:
+    variants = " | ".join(SEARCH_VARIANTS)
+    print(f"| kernel | arch | dtype | E | BM | BN | warps | stages | key-major | {variants} | chosen |")
+    print(f"|---|---|---|---|---|---|---|---|---|{'---|' * len(SEARCH_VARIANTS)}---|")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for kernel in args.kernels.split(","):
+            for arch in (int(a) for a in args.archs.split(",")):
+                for dt in args.dtypes.split(","):
+                    for hd in (int(h) for h in args.head_dims.split(",")):
+                        for t, rows in search_tiles(kernel, _DTYPES[dt], hd, arch, 3 if arch >= 90 else 2, pool):
+                            cells = " | ".join(
+                                f"{g['registers']} regs, {g['spill_stores']}/{g['spill_loads']} spills"
+                                + ("" if g["shared_bytes"] <= g["shared_limit"] else ", over shared")
+                                for g in rows
+                            )
+                            ok = all(g["spill_stores"] == g["spill_loads"] == 0 for g in rows)
+                            print(
+                                f"| {kernel} | sm_{arch} | {dt} | {hd} | {t.block_m} | {t.block_n} | {t.num_warps} | "
+                                f"{t.num_stages} | {'yes' if t.key_major else 'no'} | {cells} | {'yes' if ok else ''} |",
+                                flush=True,
+                            )
+    return 0
 
 
 if __name__ == "__main__":

@@ -33,10 +33,15 @@ from .launcher import (
 
 @dataclass(frozen=True)
 class TileConfig:
+    """Tiles of one backward kernel. key_major (dK/dV kernel only): compute its score tiles as
+    K Q^T (keys along rows, K and V in registers) instead of Q K^T (K and V read by the MMA from
+    shared memory, P and dS transposed); see kernels.backward._dkdv_query_block."""
+
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    key_major: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,26 +53,27 @@ class BackwardConfig:
     dq: TileConfig
 
 
-# (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)), each
-# (BLOCK_M, BLOCK_N, warps, stages): the largest tiles that compile without register spills in every
-# kernel variant (causal, ragged L/S, padded head dims, bool/float masks) for that arch, found by
-# AOT compilation with triton 3.9 (python -m fastattn.aot_backward). The dK/dV kernel holds K, V,
-# dK and dV of its key block in registers, so its key blocks are narrow. Where no candidate down to
-# 16x16 was spill-free (head dim 256 everywhere; sm_80 fp32 dK/dV at 128) the entry is the one with
-# the fewest spills (a few, in the ragged/masked variants). Not yet tuned by timing on a GPU.
+# (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
+# (BLOCK_M, BLOCK_N, warps, stages, key_major), dQ (BLOCK_M, BLOCK_N, warps, stages). dK/dV: the
+# first tile of aot_backward.SEARCH_CANDIDATES (widest key block first) that compiles without register
+# spills in the costliest variants (causal with ragged L/S, bool mask with ragged lengths and padded
+# head dims, float mask with causal), query-major tried before key-major, found with triton 3.9 by
+# `python -m fastattn.aot_backward --search` (benchmarks/results/aot/backward_search_triton-3.9.md).
+# float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
+# Not yet tuned by timing on a GPU.
 _BACKWARD_TABLE = {
-    (True, True, 64): ((32, 128, 8, 3), (128, 32, 8, 3)),
-    (True, True, 128): ((16, 16, 4, 3), (64, 32, 8, 3)),
-    (True, True, 256): ((16, 16, 4, 3), (32, 16, 4, 3)),
-    (True, False, 64): ((32, 128, 8, 3), (128, 32, 8, 3)),
-    (True, False, 128): ((16, 32, 4, 3), (32, 16, 4, 3)),
-    (True, False, 256): ((16, 16, 4, 3), (16, 16, 4, 3)),
-    (False, True, 64): ((16, 64, 4, 2), (128, 32, 8, 2)),
-    (False, True, 128): ((16, 32, 4, 2), (64, 32, 8, 2)),
-    (False, True, 256): ((16, 16, 4, 2), (32, 16, 4, 2)),
-    (False, False, 64): ((16, 32, 4, 2), (128, 32, 8, 2)),
-    (False, False, 128): ((16, 16, 4, 2), (32, 16, 4, 2)),
-    (False, False, 256): ((16, 16, 4, 2), (16, 16, 4, 2)),
+    (True, True, 64): ((32, 128, 8, 3, False), (128, 32, 8, 3)),
+    (True, True, 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
+    (True, True, 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
+    (True, False, 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
+    (True, False, 128): ((32, 32, 8, 3, True), (32, 16, 4, 3)),
+    (True, False, 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
+    (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
+    (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
+    (False, True, 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
+    (False, False, 64): ((32, 32, 8, 2, False), (128, 32, 8, 2)),
+    (False, False, 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
+    (False, False, 256): ((16, 16, 4, 2, False), (16, 16, 4, 2)),
 }
 
 
@@ -155,11 +161,13 @@ def triton_attention_backward(
     interpret = interpreted()
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev = p.heads_kv, p.seqlen_k, p.head_dim_v
-    dq = torch.zeros(B, Hq, L, E, dtype=p.dtype, device=p.device)
-    dk = torch.zeros(B, Hkv, S, E, dtype=p.dtype, device=p.device)
-    dv = torch.zeros(B, Hkv, S, Ev, dtype=p.dtype, device=p.device)
     if B == 0 or Hq == 0 or L == 0 or S == 0:
-        return dq, dk, dv
+        zeros = (torch.zeros(t.shape, dtype=p.dtype, device=p.device) for t in (p.q, p.k, p.v))
+        return tuple(zeros)
+    # Every element is written by one program: no memset needed.
+    dq = torch.empty(B, Hq, L, E, dtype=p.dtype, device=p.device)
+    dk = torch.empty(B, Hkv, S, E, dtype=p.dtype, device=p.device)
+    dv = torch.empty(B, Hkv, S, Ev, dtype=p.dtype, device=p.device)
     head_dim, head_dim_v = padded_head_dim(E), padded_head_dim(Ev)
     if config is None:
         capability = None if p.device.type != "cuda" else torch.cuda.get_device_capability(p.device)
@@ -261,6 +269,7 @@ def triton_attention_backward(
                 *scalars,
                 **flags,
                 **tiles(config.dkdv),
+                KEY_MAJOR=config.dkdv.key_major,
             )
             backward_kernels.attention_backward_dq_kernel[(math.ceil(L / config.dq.block_m), Hq, nb)](
                 dq[chunk],

@@ -89,32 +89,50 @@ def _dkdv_query_block(
     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    KEY_MAJOR: tl.constexpr,
 ):
     """Fold query rows [start_m, start_m + BLOCK_M) of one query head into dK, dV of a key block.
 
-    Works on transposed tiles (keys along rows) so no accumulator is ever transposed. Key rows past
-    S are never stored, so nothing masks them here; query rows past L have P = 0 (lse read as +inf).
+    Two orientations of the same products, chosen per config by what compiles without spills:
+    - query-major (KEY_MAJOR False), as in the forward: qk = q k^T, then P and dS are transposed
+      into the dV and dK products. K and V enter only as second operands, which Hopper's warpgroup
+      MMA reads from shared memory, so they take no registers: the 16-bit configs' choice.
+    - key-major: qk^T = k q^T, keys along rows, so nothing is transposed but K and V are first
+      operands, held in registers (some float32 configs compile smaller this way).
+    Query rows past L have P = 0 (lse read as +inf); key rows past S are never stored.
     """
     rows = start_m + offs_mb
     # 32-bit offsets unless the host says start_m * stride can pass 2**31 (as in the forward).
     if LARGE_OFFSETS:
-        rows_q = rows.to(tl.int64)[:, None]
+        rows_q = rows.to(tl.int64)
     else:
-        rows_q = rows[:, None]
-    q = _load_tile(Q_head + rows_q * stride_qm + offs_dk[None, :] * stride_qk, rows, L, offs_dk, E, CHECK_M, CHECK_E)
+        rows_q = rows
+    q = _load_tile(Q_head + rows_q[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
+                   rows, L, offs_dk, E, CHECK_M, CHECK_E)
     lse2 = _lse_log2(Lse_row, rows, L, CHECK_M)
-    qkT = _scaled(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-    m_tile = M_cols + local_n[:, None] * stride_mn + tl.trans(rows_q) * stride_mm
-    qkT = mask_scores(qkT, m_tile, offs_n, S, rows, L, offs_n[:, None], rows[None, :], causal_offset,
-                      MASK_KIND, CHECK_N, CHECK_M, APPLY_CAUSAL)
-    pT = tl.math.exp2(qkT - lse2[None, :])
-    do = _load_tile(DO_head + rows_q * stride_dom + offs_dv[None, :] * stride_dok,
+    do = _load_tile(DO_head + rows_q[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     rows, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
     delta = _load_rows(Delta_row + rows, rows, L, 0.0, CHECK_M)
-    dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-    dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    if KEY_MAJOR:
+        qkT = _scaled(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
+        m_tile = M_cols + local_n[:, None] * stride_mn + rows_q[None, :] * stride_mm
+        qkT = mask_scores(qkT, m_tile, offs_n, S, rows, L, offs_n[:, None], rows[None, :], causal_offset,
+                          MASK_KIND, CHECK_N, CHECK_M, APPLY_CAUSAL)
+        pT = tl.math.exp2(qkT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    else:
+        qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
+        m_tile = M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn
+        qk = mask_scores(qk, m_tile, rows, L, offs_n, S, offs_n[None, :], rows[:, None], causal_offset,
+                         MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL)
+        p = tl.math.exp2(qk - lse2[:, None])
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
@@ -136,13 +154,14 @@ def attention_backward_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
     """DK (B, Hkv, S, E), DV (B, Hkv, S, EV) of one block of BLOCK_N keys of one KV head.
 
     grid: (cdiv(S, BLOCK_N), Hkv, B). The program loops over the GROUP query heads
     kvh * GROUP + g that read its KV head and, for each, over the query blocks that can see its keys,
-    summing in registers. H is the number of query heads; Lse and Delta are (B, H, L) fp32.
+    summing in registers. H is the number of query heads; Lse and Delta are (B, H, L) float32
+    (float64 for float64 inputs). KEY_MAJOR picks the orientation of the score tiles (_dkdv_query_block).
     Without a mask: causal starts at the diagonal (query i sees key j when j <= i + causal_offset),
     blocks the diagonal cuts first, then the blocks below it with no causal check. With a mask the
     host lists per (b, query head, key block) the query blocks to visit: BlockCount[..., 0] that
@@ -190,7 +209,7 @@ def attention_backward_dkdv_kernel(
                         start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                         stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
                         L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                        0, CHECK_M, CHECK_N, True, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
+                        0, CHECK_M, CHECK_N, True, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
             else:
                 full_start = 0
             for start_m in range(full_start, L, BLOCK_M):
@@ -199,7 +218,7 @@ def attention_backward_dkdv_kernel(
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
                     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
+                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
         else:
             count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
             index_ptr = BlockIndex + b * stride_ib + h * stride_ih + start_n * stride_in
@@ -212,7 +231,7 @@ def attention_backward_dkdv_kernel(
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
                     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
+                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
             for i in range(n_full, n_full + n_cut):
                 start_m = tl.load(index_ptr + i) * BLOCK_M
                 dk, dv = _dkdv_query_block(
@@ -220,7 +239,7 @@ def attention_backward_dkdv_kernel(
                     start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
                     stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
                     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
+                    MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
 
     dk = _scaled(dk, scale, scale_lo)
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + n0_64 * stride_dkn

@@ -53,8 +53,9 @@ def mask_scores(
 ):
     """A score tile s (log2 units) with its mask applied: the mask tile at pointers M_tile added
     (float, converted to log2 units) or -inf where False (bool); -inf where key_idx > query_idx +
-    causal_offset. Keys may lie along either axis (the dK/dV kernel works on transposed tiles):
-    key_idx and query_idx broadcast to the tile; rows/cols bound the mask load."""
+    causal_offset (both broadcast to the tile, so keys may lie along either axis: the key-major dK/dV
+    tiles put them along rows). rows/cols bound the mask load. Keys past S are left alone: the dK/dV
+    kernel never stores their rows, the others hide them (scores_tile)."""
     if MASK_KIND != 0:
         mask = _load_tile(M_tile, rows, n_rows, cols, n_cols, CHECK_ROWS, CHECK_COLS)
         if MASK_KIND == 1:
