@@ -326,12 +326,7 @@ def _check_aot(rows: list[dict]) -> None:
         )
     over = [r for r in rows if r["shared_bytes"] > r["shared_limit"]]
     assert not over, f"{len(over)} backward kernels need more shared memory than the GPU has: {over[:3]}"
-    spilling = [
-        r
-        for r in rows
-        if (r["spill_stores"] or r["spill_loads"])
-        and r["head_dim"] < 256
-    ]
+    spilling = [r for r in rows if (r["spill_stores"] or r["spill_loads"]) and r["head_dim"] < 256]
     assert not spilling, f"{len(spilling)} backward kernels spill registers: {spilling[:3]}"
 
 
