@@ -56,9 +56,9 @@ class BackwardConfig:
 # (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
 # (BLOCK_M, BLOCK_N, warps, stages, key_major), dQ (BLOCK_M, BLOCK_N, warps, stages). dK/dV: the
 # first tile of aot_backward.SEARCH_CANDIDATES (widest key block first) that compiles without register
-# spills in the costliest variants (causal with ragged L/S, bool mask with ragged lengths and padded
-# head dims, float mask with causal), query-major tried before key-major, found with triton 3.9 by
-# `python -m fastattn.aot_backward --search` (benchmarks/results/aot/backward_search_triton-3.9.md).
+# spills in every kernel variant (causal, ragged L/S, padded head dims, bool/float masks), query-major
+# tried before key-major, found with triton 3.9 by `python -m fastattn.aot_backward --search`
+# (benchmarks/results/aot/backward_search_triton-3.9.md).
 # float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
 # Not yet tuned by timing on a GPU.
 _BACKWARD_TABLE = {
@@ -66,14 +66,14 @@ _BACKWARD_TABLE = {
     (True, True, 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
     (True, True, 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
     (True, False, 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
-    (True, False, 128): ((32, 32, 8, 3, True), (32, 16, 4, 3)),
+    (True, False, 128): ((32, 32, 4, 3, False), (32, 16, 4, 3)),
     (True, False, 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
     (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
     (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
     (False, True, 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
-    (False, False, 64): ((32, 32, 8, 2, False), (128, 32, 8, 2)),
+    (False, False, 64): ((32, 32, 8, 2, True), (128, 32, 8, 2)),
     (False, False, 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
-    (False, False, 256): ((16, 16, 4, 2, False), (16, 16, 4, 2)),
+    (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
 }
 
 
