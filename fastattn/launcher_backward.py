@@ -56,7 +56,8 @@ class BackwardConfig:
 # (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
 # (BLOCK_M, BLOCK_N, warps, stages, key_major), dQ (BLOCK_M, BLOCK_N, warps, stages). dK/dV: the
 # first tile of aot_backward.SEARCH_CANDIDATES (widest key block first) that compiles without register
-# spills in every kernel variant (causal, ragged L/S, padded head dims, bool/float masks), query-major
+# spills in every kernel variant (causal, ragged L/S, padded head dims, bool/float masks) and every
+# padded head dim of the bucket (16, 32, 64 share the 64 entry), query-major
 # tried before key-major, found with triton 3.9 by `python -m fastattn.aot_backward --search`
 # (benchmarks/results/aot/backward_search_triton-3.9.md).
 # float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
@@ -71,7 +72,7 @@ _BACKWARD_TABLE = {
     (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
     (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
     (False, True, 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
-    (False, False, 64): ((32, 32, 8, 2, True), (128, 32, 8, 2)),
+    (False, False, 64): ((32, 32, 4, 2, False), (128, 32, 8, 2)),
     (False, False, 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
     (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
 }
