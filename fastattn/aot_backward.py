@@ -183,7 +183,6 @@ def search_tiles(
             else:
                 return tried
     return tried
-    return tried
 
 
 def main(argv=None) -> int:

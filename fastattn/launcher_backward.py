@@ -163,8 +163,7 @@ def triton_attention_backward(
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev = p.heads_kv, p.seqlen_k, p.head_dim_v
     if B == 0 or Hq == 0 or L == 0 or S == 0:
-        zeros = (torch.zeros(t.shape, dtype=p.dtype, device=p.device) for t in (p.q, p.k, p.v))
-        return tuple(zeros)
+        return tuple(torch.zeros(t.shape, dtype=p.dtype, device=p.device) for t in (p.q, p.k, p.v))
     # Every element is written by one program: no memset needed.
     dq = torch.empty(B, Hq, L, E, dtype=p.dtype, device=p.device)
     dk = torch.empty(B, Hkv, S, E, dtype=p.dtype, device=p.device)
