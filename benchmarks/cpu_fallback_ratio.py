@@ -32,8 +32,8 @@ from torch.utils import benchmark
 
 import fastattn
 from fastattn.__main__ import cpu_name
-from fastattn.cpu_fallback import sdpa_cpu_reasons, tiled_attention
-from fastattn.inputs import canonicalize
+from fastattn.eager.forward import sdpa_cpu_reasons, tiled_attention
+from fastattn.problem import canonicalize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

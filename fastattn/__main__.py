@@ -20,7 +20,7 @@ import torch
 
 import fastattn
 from fastattn import dispatch, reference
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 # The float64 oracle materialises B*Hq*L*S scores (several copies): skip it beyond this many.
 MAX_ORACLE_SCORES = {"cpu": 2**25, "cuda": 2**28}
@@ -157,7 +157,7 @@ def use_interpreter_without_gpu() -> None:
 
 def _kernel_flavour() -> str:
     try:
-        from fastattn.kernels import interpreted
+        from fastattn.fused.kernels import interpreted
 
         if interpreted():
             return "Triton's CPU interpreter (TRITON_INTERPRET=1)"

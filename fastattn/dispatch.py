@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .inputs import Problem
+from .problem import Problem
 
 BACKENDS = ("triton", "cpu", "reference")
 AUTO_ORDER = ("triton", "cpu")
@@ -38,7 +38,7 @@ def triton_flavour_error(device_type: str) -> str | None:
     err = triton_import_error()
     if err:
         return err
-    from .kernels import interpreted
+    from .fused.kernels import interpreted
 
     try:
         interp = interpreted()
@@ -94,13 +94,13 @@ def _reference_reasons(p: Problem, explicit: bool) -> list[str]:
 
 
 def _run_triton(p: Problem, return_lse: bool):
-    from .launcher import triton_attention_forward
+    from .fused.forward import triton_attention_forward
 
     return triton_attention_forward(p)
 
 
 def _run_cpu(p: Problem, return_lse: bool):
-    from .cpu_fallback import cpu_fallback_attention
+    from .eager.forward import cpu_fallback_attention
 
     return cpu_fallback_attention(p, return_lse=return_lse)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import choose_backend
-from .inputs import canonicalize, empty_result
+from .problem import canonicalize, empty_result
 from .ops import attention_forward
 
 

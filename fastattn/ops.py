@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import Problem, empty_result
+from .problem import Problem, empty_result
 
 _NO_MASK_GRAD = (0,)  # dmask placeholder shape when the mask needs no gradient
 
@@ -52,7 +52,7 @@ def attention_forward(
 
 @attention_forward.register_fake
 def _(q, k, v, mask, causal_offset, scale, backend):
-    from .inputs import lse_dtype
+    from .problem import lse_dtype
 
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
@@ -75,7 +75,7 @@ def attention_backward(
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask) of a canonical problem; dmask has the mask's shape when mask_grad, else (0,)."""
-    from .cpu_backward import tiled_attention_backward
+    from .eager.backward import tiled_attention_backward
 
     p = _problem(q, k, v, mask, causal_offset, scale)
     no_dmask = q.new_empty(_NO_MASK_GRAD)
@@ -83,7 +83,7 @@ def attention_backward(
         dmask = mask.new_zeros(mask.shape) if mask_grad else no_dmask
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dmask
     if backend == "triton" and not mask_grad:
-        from .launcher_backward import triton_attention_backward
+        from .fused.backward import triton_attention_backward
 
         dq, dk, dv = triton_attention_backward(p, out, lse, dout, dlse)
         dmask = no_dmask

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .inputs import Problem, canonicalize, empty_result
+from .problem import Problem, canonicalize, empty_result
 
 
 def causal_keep(L: int, S: int, offset: int, device=None) -> torch.Tensor:

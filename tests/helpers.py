@@ -18,7 +18,7 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from fastattn import reference
-from fastattn.inputs import lse_dtype
+from fastattn.problem import lse_dtype
 
 # The floor is what the rule allows when the baseline happens to be (nearly) exact, in units of
 # the largest oracle magnitude (ulps scale with magnitude: outputs reach max|V| ~ 4, lse reaches

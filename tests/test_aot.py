@@ -25,7 +25,7 @@ def _compile(*args: str) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "fastattn.aot", "--json", *args],
+        [sys.executable, "-m", "fastattn.fused.aot", "--json", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -16,8 +16,8 @@ from helpers import PARITY_CASES, attention_arguments, check_against_reference, 
 from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
-from fastattn import cpu_fallback
-from fastattn.inputs import canonicalize
+from fastattn.eager import forward as cpu_fallback
+from fastattn.problem import canonicalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
@@ -184,8 +184,8 @@ MEMORY_SCRIPT = textwrap.dedent(
     import json, resource, sys, time
     import torch
     import fastattn
-    from fastattn import cpu_fallback
-    from fastattn.inputs import canonicalize
+    from fastattn.eager import forward as cpu_fallback
+    from fastattn.problem import canonicalize
     from torch.nn.attention.bias import causal_lower_right
 
     def rss_now():

@@ -12,7 +12,7 @@ from helpers import PARITY_CASES, assert_close_to_oracle, attention_arguments, c
 import fastattn
 from fastattn import reference
 from fastattn.dispatch import choose_backend
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 pytestmark = [
     pytest.mark.gpu,

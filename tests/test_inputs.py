@@ -14,7 +14,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 import fastattn
 from fastattn import BackendUnavailable, reference
 from fastattn.dispatch import BACKENDS, choose_backend, unsupported_reasons
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 
 def qkv(B=2, Hq=2, Hkv=2, L=5, S=7, E=16, Ev=16, dtype=torch.float32):

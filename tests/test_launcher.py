@@ -13,10 +13,11 @@ import torch
 from helpers import check_against_reference, make_mask, make_qkv
 
 import fastattn
-from fastattn import configs, launcher
-from fastattn.configs import ForwardConfig
+from fastattn.fused import configs
+from fastattn.fused import forward as launcher
+from fastattn.fused.configs import ForwardConfig
 from fastattn.dispatch import unsupported_reasons
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 from fastattn.reference import causal_keep
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,7 @@ from helpers import HEAD_DIMS, LENGTHS, PARITY_CASES, Case, attention_arguments,
 
 import fastattn
 from fastattn.dispatch import unsupported_reasons
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 

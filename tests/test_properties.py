@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import fastattn
-from fastattn.cpu_fallback import tiled_attention
+from fastattn.eager.forward import tiled_attention
 from fastattn.dispatch import unsupported_reasons
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -30,9 +30,9 @@ from helpers import FLOOR, PARITY_CASES, Case, assert_close_to_oracle, attention
 import fastattn
 from fastattn import reference
 from fastattn.dispatch import unsupported_reasons
-from fastattn.inputs import canonicalize, lse_dtype
-from fastattn.launcher import triton_attention_forward
-from fastattn.launcher_backward import BackwardConfig, TileConfig, key_block_lists, triton_attention_backward
+from fastattn.problem import canonicalize, lse_dtype
+from fastattn.fused.forward import triton_attention_forward
+from fastattn.fused.backward import BackwardConfig, TileConfig, key_block_lists, triton_attention_backward
 from fastattn.reference import causal_keep
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
@@ -184,7 +184,7 @@ def test_gradcheck_float64_through_the_kernel(causal, mask, shape, fast_mode, mo
     else:
         attn_mask = torch.rand(1, Hq, L, S, device=DEVICE) < 0.7
         attn_mask[:, :, 2] = False
-    import fastattn.launcher_backward as lb
+    import fastattn.fused.backward as lb
 
     calls = []
     kernel_backward = lb.triton_attention_backward
@@ -302,7 +302,7 @@ def _aot(*args: str) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "fastattn.aot_backward", "--json", *args],
+        [sys.executable, "-m", "fastattn.fused.aot_backward", "--json", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastattn
 from fastattn import dispatch, reference
-from fastattn.inputs import canonicalize
+from fastattn.problem import canonicalize
 
 from .sweep import Case
 

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .inputs import Problem
+from ..problem import Problem
 
 DEFAULT_BLOCK_M = 128
 DEFAULT_BLOCK_N = 256

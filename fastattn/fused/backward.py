@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .configs import padded_head_dim
-from .inputs import Problem, lse_dtype
+from ..problem import Problem, lse_dtype
 from .kernels import backward as backward_kernels
 from .kernels import interpreted
-from .launcher import (
+from .forward import (
     BLOCK_CUT,
     BLOCK_FULL,
     MAX_GRID_YZ,

@@ -9,7 +9,7 @@ import struct
 import torch
 
 from .configs import ForwardConfig, forward_config, padded_head_dim
-from .inputs import Problem, lse_dtype
+from ..problem import Problem, lse_dtype
 from .kernels import forward as forward_kernels
 from .kernels import interpreted
 

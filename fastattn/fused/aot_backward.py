@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 import torch
 
 from .aot import _TRITON_DTYPE, VARIANTS, CompileReport, compile_report, format_row
-from .launcher_backward import TileConfig, backward_config, preprocess_block_m
+from .backward import TileConfig, backward_config, preprocess_block_m
 
 KERNELS = ("dkdv", "dq", "preprocess")
 _UNIT_STRIDES = ("stride_qk", "stride_kk", "stride_vk", "stride_ok", "stride_dok", "stride_dkk", "stride_dvk")

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .inputs import Problem, lse_dtype
+from ..problem import Problem, lse_dtype
 
 DEFAULT_BLOCK_M = 256
 DEFAULT_BLOCK_N = 512
