@@ -3,7 +3,7 @@
 Two fastattn paths are timed against ``torch.nn.functional.scaled_dot_product_attention``:
   * "cpu backend": ``fastattn.attention(..., backend="cpu")``, which delegates to SDPA's CPU kernel
     wherever SDPA can express the call (as in every shape here);
-  * "tiled": fastattn's own online-softmax path (``fastattn.cpu_fallback.tiled_attention``), the
+  * "tiled": fastattn's own online-softmax path (``fastattn.eager.forward.tiled_attention``), the
     one that serves what SDPA cannot (bottom-right causal with L != S, E != Ev, causal + mask).
 The issue asks for the first to match SDPA and the second to stay within 2x.
 
@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.utils import benchmark
 
 import fastattn
-from fastattn.__main__ import cpu_name
 from fastattn.eager.forward import sdpa_cpu_reasons, tiled_attention
+from fastattn.env import cpu_name
 from fastattn.problem import canonicalize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
@@ -108,7 +108,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         + f" · torch {env['torch']} · fastattn {env['fastattn']} · python {env['python']}",
         "",
         'cpu backend = `fastattn.attention(backend="cpu")` (delegates to SDPA\'s CPU kernel here); '
-        "tiled = `fastattn.cpu_fallback.tiled_attention` (fastattn's own path). Median of interleaved "
+        "tiled = `fastattn.eager.forward.tiled_attention` (fastattn's own path). Median of interleaved "
         "`torch.utils.benchmark` runs.",
         "",
         "| dtype | B×H | L=S | E | causal | SDPA ms | cpu backend ms | ratio | tiled ms (p20–p80) | tiled ratio |",

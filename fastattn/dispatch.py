@@ -1,8 +1,12 @@
-"""Which backend serves a call, and why the others cannot.
+"""Which backend serves a call, forward and backward, and why the others cannot.
 
-Each backend declares what it supports; :func:`unsupported_reasons` lists every reason a backend
-cannot serve a problem, `backend="auto"` takes the first backend that can, and an explicit backend
-that cannot raises :class:`BackendUnavailable` with all its reasons.
+Each backend declares what it supports (devices, dtypes, head dims, and through
+:data:`fastattn.features.FEATURES` the features it computes and differentiates);
+:func:`unsupported_reasons` reads the declarations and lists every reason a backend cannot serve a
+problem. `backend="auto"` takes the first backend of AUTO_ORDER that can; an explicit backend that
+cannot raises :class:`BackendUnavailable` with all its reasons. The backward is chosen apart from
+the forward (:func:`choose_backward`): a backend whose backward cannot differentiate what the call
+needs hands it to the PyTorch backward, and :func:`backward_reasons` says why.
 """
 
 from __future__ import annotations
@@ -12,79 +16,53 @@ from dataclasses import dataclass
 
 import torch
 
-from .problem import Problem
+from .features import FEATURES, used_features
+from .problem import MAX_HEAD_DIM, Problem
 
 BACKENDS = ("triton", "cpu", "reference")
 AUTO_ORDER = ("triton", "cpu")
+# The backward every custom-op backend can fall back to: PyTorch ops, any device.
+FALLBACK_BACKWARD = "cpu"
 MIN_CUDA_CAPABILITY = (8, 0)
+ALL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
 class BackendUnavailable(ValueError):
     """An explicitly requested backend cannot serve the call; the message lists every reason."""
 
 
-def triton_import_error() -> str | None:
-    """Why `import triton` fails here, or None when it works."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton cannot be imported ({type(e).__name__}: {e})"
-    return None
-
-
-def triton_flavour_error(device_type: str) -> str | None:
-    """Why this process's kernel flavour cannot run tensors on `device_type` (None when it can)."""
-    err = triton_import_error()
-    if err:
-        return err
-    from .fused.kernels import interpreted
-
-    try:
-        interp = interpreted()
-    except Exception as e:  # e.g. Triton's interpreter failing to import with this numpy
-        return f"the Triton kernels cannot be loaded ({type(e).__name__}: {e})"
-    if device_type == "cpu" and not interp:
-        return (
-            "CPU tensors run the kernel only through Triton's interpreter, which is off in this process: "
-            "set TRITON_INTERPRET=1 before triton is first imported"
-        )
-    if device_type == "cuda" and interp:
-        return "TRITON_INTERPRET=1 is set in this process: the kernels run in the interpreter, not on the GPU"
-    return None
+class FeatureNotImplemented(BackendUnavailable, NotImplementedError):
+    """The call uses a feature that no fastattn backend implements yet."""
 
 
 def _triton_reasons(p: Problem, explicit: bool) -> list[str]:
+    """What the declarations cannot say: the kernel flavour of this process and the GPU."""
+    from .fused import flavour_error
+
+    if p.device.type not in ("cuda", "cpu"):
+        return []  # the device declaration has said it
     reasons = []
-    if p.device.type in ("cuda", "cpu"):
-        err = triton_flavour_error(p.device.type)
-        if err:
-            reasons.append(err)
+    err = flavour_error(p.device.type)
+    if err:
+        reasons.append(err)
     if p.device.type == "cuda":
         cap = torch.cuda.get_device_capability(p.device)
         if cap < MIN_CUDA_CAPABILITY:
             reasons.append(f"needs an NVIDIA GPU of compute capability >= 8.0 (sm_80), this one is sm_{cap[0]}{cap[1]}")
         if torch.version.hip is not None:
             reasons.append("ROCm GPUs are not tuned or tested")
-    elif p.device.type == "cpu":
+        if p.dtype == torch.float64:
+            # The float64 kernels exist for gradcheck through the interpreter; no GPU config table or
+            # GPU test covers them, so compiled float64 is refused rather than run untuned and unchecked.
+            reasons.append(
+                "float64 runs the kernel only through Triton's interpreter (CPU tensors); on CUDA use backend='cpu'"
+            )
+    else:
         if not explicit:
             reasons.append("runs CPU tensors only through Triton's interpreter, when asked for by backend='triton'")
         if p.dtype == torch.bfloat16:
             reasons.append("Triton's interpreter computes bfloat16 tl.dot wrongly; use backend='cpu' on CPU")
-    else:
-        reasons.append(f"runs on CUDA tensors (or CPU ones through the interpreter), not {p.device.type}")
-    if p.dtype == torch.float64 and p.device.type != "cpu":
-        # The float64 kernels exist for gradcheck through the interpreter; no GPU config table or
-        # GPU test covers them, so compiled float64 is refused rather than run untuned and unchecked.
-        reasons.append(
-            "float64 runs the kernel only through Triton's interpreter (CPU tensors); on CUDA use backend='cpu'"
-        )
     return reasons
-
-
-def _cpu_reasons(p: Problem, explicit: bool) -> list[str]:
-    # Plain PyTorch ops: any device PyTorch runs, every dtype the public call accepts.
-    return []
 
 
 def _reference_reasons(p: Problem, explicit: bool) -> list[str]:
@@ -93,19 +71,31 @@ def _reference_reasons(p: Problem, explicit: bool) -> list[str]:
     return []
 
 
-def _run_triton(p: Problem, return_lse: bool):
+def _run_triton(p: Problem):
     from .fused.forward import triton_attention_forward
 
     return triton_attention_forward(p)
 
 
-def _run_cpu(p: Problem, return_lse: bool):
+def _run_cpu(p: Problem):
     from .eager.forward import cpu_fallback_attention
 
-    return cpu_fallback_attention(p, return_lse=return_lse)
+    return cpu_fallback_attention(p)
 
 
-def _run_reference(p: Problem, return_lse: bool):
+def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
+    from .fused.backward import triton_attention_backward
+
+    return (*triton_attention_backward(p, out, lse, dout, dlse), None)
+
+
+def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
+    from .eager.backward import tiled_attention_backward
+
+    return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
+
+
+def _run_reference(p: Problem):
     from .reference import problem_attention
 
     return problem_attention(p)
@@ -113,10 +103,22 @@ def _run_reference(p: Problem, return_lse: bool):
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend's declaration. devices: the device types it runs (None: any PyTorch runs).
+    custom_op: its forward runs inside the fastattn::forward op and the backward is chosen by
+    :func:`choose_backward`; False: plain PyTorch ops that autograd differentiates directly.
+    run: (p) -> (out, lse). run_backward: (p, out, lse, dout, dlse, mask_grad) -> (dq, dk, dv,
+    dmask or None), for custom-op backends. more_reasons: what the declarations cannot say
+    (p, explicit) -> reasons."""
+
     name: str
     description: str
-    reasons: Callable[[Problem, bool], list[str]]
-    run: Callable[[Problem, bool], tuple[torch.Tensor, torch.Tensor | None]]
+    devices: tuple[str, ...] | None
+    dtypes: frozenset[torch.dtype]
+    max_head_dim: int
+    custom_op: bool
+    run: Callable[[Problem], tuple[torch.Tensor, torch.Tensor]]
+    run_backward: Callable[..., tuple] | None = None
+    more_reasons: Callable[[Problem, bool], list[str]] = lambda p, explicit: []
 
 
 REGISTRY: dict[str, Backend] = {
@@ -125,29 +127,85 @@ REGISTRY: dict[str, Backend] = {
         Backend(
             "triton",
             "fused Triton kernel (CUDA sm_80+; CPU tensors through Triton's interpreter)",
-            _triton_reasons,
-            _run_triton,
+            devices=("cuda", "cpu"),
+            dtypes=ALL_DTYPES,
+            max_head_dim=MAX_HEAD_DIM,
+            custom_op=True,
+            run=_run_triton,
+            run_backward=_triton_backward,
+            more_reasons=_triton_reasons,
         ),
         Backend(
             "cpu",
             "PyTorch fallback: SDPA's CPU kernel where it expresses the call, else a tiled online softmax",
-            _cpu_reasons,
-            _run_cpu,
+            devices=None,
+            dtypes=ALL_DTYPES,
+            max_head_dim=MAX_HEAD_DIM,
+            custom_op=True,
+            run=_run_cpu,
+            run_backward=_cpu_backward,
         ),
-        Backend("reference", "the textbook formula on the full score matrix", _reference_reasons, _run_reference),
+        Backend(
+            "reference",
+            "the textbook formula on the full score matrix",
+            devices=None,
+            dtypes=ALL_DTYPES,
+            max_head_dim=MAX_HEAD_DIM,
+            custom_op=False,
+            run=_run_reference,
+            more_reasons=_reference_reasons,
+        ),
     )
 }
 
 
 def unsupported_reasons(name: str, p: Problem, explicit: bool = True) -> list[str]:
-    """Every reason backend `name` cannot serve problem `p` (empty when it can)."""
-    return REGISTRY[name].reasons(p, explicit)
+    """Every reason backend `name` cannot serve problem `p` forward (empty when it can)."""
+    b = REGISTRY[name]
+    reasons = []
+    if b.devices is not None and p.device.type not in b.devices:
+        reasons.append(f"runs on {' or '.join(b.devices)} tensors, not {p.device.type}")
+    if p.dtype not in b.dtypes:
+        reasons.append(f"does not take {p.dtype}")
+    if max(p.head_dim, p.head_dim_v) > b.max_head_dim:
+        reasons.append(f"head dims up to {b.max_head_dim}, got E={p.head_dim}, Ev={p.head_dim_v}")
+    reasons += [
+        f"does not implement {FEATURES[f].description}" for f in used_features(p) if name not in FEATURES[f].forward
+    ]
+    return reasons + b.more_reasons(p, explicit)
+
+
+def backward_reasons(name: str, p: Problem) -> list[str]:
+    """Every reason backend `name`'s backward cannot differentiate `p` (empty when it can).
+
+    Call it with the problem as the forward saw it (a float mask's requires_grad is a feature)."""
+    return [
+        f"its backward does not differentiate {FEATURES[f].description}"
+        for f in used_features(p)
+        if name not in FEATURES[f].backward
+    ]
+
+
+def choose_backward(forward: str, p: Problem) -> str:
+    """The backend whose backward differentiates `p` after `forward` served it: its own when it
+    can (see backward_reasons), else the PyTorch backward (FALLBACK_BACKWARD), which works on any
+    device and differentiates every feature the forwards serve."""
+    return forward if not backward_reasons(forward, p) else FALLBACK_BACKWARD
+
+
+def _check_implemented(p: Problem) -> None:
+    for f in used_features(p):
+        if not FEATURES[f].forward:
+            raise FeatureNotImplemented(f"no fastattn backend implements {FEATURES[f].description}")
 
 
 def choose_backend(name: str, p: Problem) -> Backend:
     """The backend that serves `p`: `name` itself, or for "auto" the first in AUTO_ORDER that can."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in REGISTRY:
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
+    _check_implemented(p)
     if name == "auto":
         why = {}
         for candidate in AUTO_ORDER:
@@ -157,8 +215,6 @@ def choose_backend(name: str, p: Problem) -> Backend:
             why[candidate] = reasons
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
         raise BackendUnavailable(f"no backend can serve this call ({detail})")
-    if name not in REGISTRY:
-        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     reasons = unsupported_reasons(name, p, explicit=True)
     if reasons:
         listed = "\n".join(f"  - {r}" for r in reasons)

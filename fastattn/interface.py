@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .dispatch import choose_backend
+from .ops import run_forward
 from .problem import canonicalize, empty_result
-from .ops import attention_forward
 
 
 def attention(
@@ -81,9 +81,9 @@ def attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     chosen = choose_backend(backend, p)
-    if chosen.name == "reference":  # plain PyTorch ops: autograd differentiates them directly
-        result = empty_result(p) or chosen.run(p, return_lse)
-    else:
-        result = attention_forward(p.q, p.k, p.v, p.mask, p.causal_offset, p.scale, chosen.name)
+    if chosen.custom_op:
+        result = run_forward(p, chosen.name)
+    else:  # plain PyTorch ops: autograd differentiates them directly
+        result = empty_result(p) or chosen.run(p)
     out, lse = p.restore(*result)
     return (out, lse) if return_lse else out

@@ -2,7 +2,8 @@
 
 `attention()` and `reference.attention()` accept SDPA's arguments; :func:`canonicalize` checks
 them once and turns them into a :class:`Problem`: 4-D tensors with one flattened batch dimension,
-the causal structure as a single diagonal offset, and the mask kept at its own (broadcast) size.
+the mask kept at its own (broadcast) size, and every scalar property of the call in one
+:class:`fastattn.features.Features` (the causal structure as a single diagonal offset).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from .features import Features, check_features
 
 
 def _is_causal_bias(obj) -> bool:
@@ -29,18 +32,18 @@ class Problem:
 
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev). Query head h reads KV head
     h // (Hq // Hkv). mask: None or a 4-D bool or float tensor whose every dim is 1 or the full
-    size of (B, Hq, L, S); never expanded in memory. causal_offset: None, or the offset d such
-    that query i sees key j only when j <= i + d (0: top-left, S - L: bottom-right).
+    size of (B, Hq, L, S); never expanded in memory. features: the scale, the causal offset and
+    every other scalar property of the call (:class:`fastattn.features.Features`).
+    batch_shape / squeeze_heads: how :meth:`restore` gives results the caller's shape.
     """
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     mask: torch.Tensor | None
-    causal_offset: int | None
-    scale: float
-    batch_shape: tuple[int, ...]
-    squeeze_heads: bool  # the caller passed 2-D (L, E) tensors without a head dim
+    features: Features
+    batch_shape: tuple[int, ...] = ()
+    squeeze_heads: bool = False  # the caller passed 2-D (L, E) tensors without a head dim
 
     @property
     def batch(self) -> int:
@@ -169,20 +172,6 @@ def canonicalize(
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError(
-            "dropout_p > 0 is not implemented yet in fastattn (planned in a later release); pass dropout_p=0.0"
-        )
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
-
     squeeze_heads = query.dim() == 2
     if squeeze_heads:
         query, key, value = query[None], key[None], value[None]
@@ -240,16 +229,8 @@ def canonicalize(
     q = query.reshape(B, Hq, L, E)
     k = key.reshape(B, Hkv, S, E)
     v = value.reshape(B, Hkv, S, Ev)
-    return Problem(
-        q=q,
-        k=k,
-        v=v,
-        mask=mask,
-        causal_offset=causal_offset,
-        scale=float(scale) if scale is not None else 1.0 / math.sqrt(E),
-        batch_shape=batch_shape,
-        squeeze_heads=squeeze_heads,
-    )
+    features = check_features(scale=scale, head_dim=E, causal_offset=causal_offset, dropout_p=dropout_p)
+    return Problem(q=q, k=k, v=v, mask=mask, features=features, batch_shape=batch_shape, squeeze_heads=squeeze_heads)
 
 
 def empty_result(p: Problem) -> tuple[torch.Tensor, torch.Tensor] | None:

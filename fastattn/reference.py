@@ -9,14 +9,14 @@ import math
 
 import torch
 
+from .dispatch import choose_backend
+from .eager import scores
 from .problem import Problem, canonicalize, empty_result
 
 
 def causal_keep(L: int, S: int, offset: int, device=None) -> torch.Tensor:
     """(L, S) bool matrix: query i sees key j when j <= i + offset (0 top-left, S - L bottom-right)."""
-    i = torch.arange(L, device=device)[:, None]
-    j = torch.arange(S, device=device)[None, :]
-    return j <= i + offset
+    return scores.causal_keep(torch.arange(L, device=device), torch.arange(S, device=device), offset)
 
 
 def problem_scores(p: Problem, dtype: torch.dtype) -> torch.Tensor:
@@ -24,16 +24,9 @@ def problem_scores(p: Problem, dtype: torch.dtype) -> torch.Tensor:
     q, k = p.q.to(dtype), p.k.to(dtype)
     if p.group > 1:
         k = k.repeat_interleave(p.group, dim=1)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * p.scale
-    if p.mask is not None:
-        if p.mask.dtype == torch.bool:
-            scores = scores.masked_fill(~p.mask, float("-inf"))
-        else:
-            scores = scores + p.mask.to(dtype)
-    if p.causal_offset is not None:
-        keep = causal_keep(p.seqlen_q, p.seqlen_k, p.causal_offset, p.device)
-        scores = scores.masked_fill(~keep, float("-inf"))
-    return scores
+    s = torch.matmul(q, k.transpose(-2, -1)) * p.features.scale
+    mask = None if p.mask is None else p.mask if p.mask.dtype == torch.bool else p.mask.to(dtype)
+    return scores.score_mods_(s, p.features, mask, 0, p.seqlen_q, 0, p.seqlen_k)
 
 
 def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weights: bool = False):
@@ -46,11 +39,11 @@ def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weigh
         weights = p.q.new_zeros(p.batch, p.heads_q, p.seqlen_q, p.seqlen_k, dtype=dtype)
         out = out.to(dtype)
     else:
-        scores = problem_scores(p, dtype)
-        dead = torch.isneginf(scores).all(dim=-1, keepdim=True)
+        s = problem_scores(p, dtype)
+        dead = torch.isneginf(s).all(dim=-1, keepdim=True)
         # A row with nothing to attend to gets zero weights and lse = -inf (softmax and logsumexp
         # of all -inf would be NaN, in the values or in their gradients).
-        live = scores.masked_fill(dead, 0.0)
+        live = s.masked_fill(dead, 0.0)
         lse = torch.logsumexp(live, dim=-1).masked_fill(dead[..., 0], -math.inf)
         weights = torch.softmax(live, dim=-1).masked_fill(dead, 0.0)
         v = p.v.to(dtype)
@@ -90,6 +83,7 @@ def attention(
     Returns out, or a tuple (out, lse), (out, weights) or (out, lse, weights) in that order.
     """
     p = canonicalize(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    choose_backend("reference", p)  # refuses what the reference does not implement (dropout)
     out, lse, weights = problem_attention(p, torch.float64 if upcast else None, return_weights=True)
     out, lse = p.restore(out, lse)
     results = [out]

@@ -1,11 +1,6 @@
-"""Test helpers: the error-ratio rule, random problems, masks and NaN-poisoned inputs.
+"""Test helpers: the error-ratio assertion, random problems, masks and NaN-poisoned inputs.
 
-The pass rule (CONVENTIONS.md, from flash-attention/FlagAttention/xformers): a fast path passes when
-
-    max|out - oracle| <= 2 * max|baseline - oracle| + floor
-
-where the oracle is `fastattn.reference` in float64 and the baseline is the same reference computed
-in the inputs' own dtype, i.e. what PyTorch gets in that precision.
+The rule itself (and its floors) lives in fastattn.testing, shared with the benchmark gate.
 """
 
 from __future__ import annotations
@@ -19,35 +14,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from fastattn import reference
 from fastattn.problem import lse_dtype
-
-# The floor is what the rule allows when the baseline happens to be (nearly) exact, in units of
-# the largest oracle magnitude (ulps scale with magnitude: outputs reach max|V| ~ 4, lse reaches
-# ~1e3 with large logits), so the bound is FLOOR[dtype] * max(1, max|oracle|).
-#   float16 / bfloat16: one ulp at 1.0 (2^-10, 2^-7). A path that computes in fp32 still rounds
-#     its result to the dtype once (half an ulp), and the baseline may round the other way.
-#   float32: 1e-5 (~80 ulps at 1.0). Tiled paths add the same S terms in another order and fold
-#     the scale into Q; that reorders roundings by O(sqrt(S) * eps) ~ 4e-6 at S = 1000, while the
-#     fp32 baseline can be much closer than that on a given problem.
-#   float64: the baseline *is* the oracle's precision, so only the floor counts: 1e-12 covers
-#     summation-order differences (~sqrt(S) * 2.2e-16) with room to spare.
-FLOOR = {
-    torch.float64: 1e-12,
-    torch.float32: 1e-5,
-    torch.float16: 2.0**-10,
-    torch.bfloat16: 2.0**-7,
-}
-
-
-def _max_abs_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    """max|x - oracle| over the oracle's finite entries; inf if x is not finite there."""
-    x, oracle = x.double(), oracle.double()
-    finite = torch.isfinite(oracle)
-    if not finite.any():
-        return 0.0
-    diff = (x[finite] - oracle[finite]).abs()
-    if not torch.isfinite(diff).all():
-        return math.inf
-    return diff.max().item()
+from fastattn.testing import error_ratio, infinities_match
 
 
 def assert_close_to_oracle(
@@ -60,7 +27,7 @@ def assert_close_to_oracle(
     floor: float | None = None,
     ratio: float = 2.0,
 ) -> None:
-    """Assert the error-ratio rule for `out` (see the module docstring), printing the errors first.
+    """Assert the error-ratio rule (fastattn.testing.error_ratio) for `out`, printing the errors first.
 
     dtype: the precision the computation ran in (the inputs' dtype; lse is float32 even for fp16
         inputs), which picks the floor; default out.dtype. floor: overrides FLOOR[dtype] * scale.
@@ -69,24 +36,14 @@ def assert_close_to_oracle(
     Non-finite values (lse = -inf of rows with no key) must sit exactly where the oracle has them;
     NaN is never allowed. A baseline that is not finite where the oracle is counts as error inf.
     """
-    dtype = dtype or out.dtype
     assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != oracle {tuple(oracle.shape)}"
     assert not torch.isnan(oracle).any(), f"{name}: the oracle has NaN (broken test)"
-    finite_oracle = oracle.double()[torch.isfinite(oracle)]
-    magnitude = max(1.0, finite_oracle.abs().max().item()) if finite_oracle.numel() else 1.0
-    if floor is None:
-        floor = FLOOR[dtype] * magnitude
-    err = _max_abs_error(out, oracle)
-    base_err = _max_abs_error(baseline, oracle)
-    bound = ratio * base_err + floor
-    n_nan = int(torch.isnan(out).sum())
-    print(f"{name}: err={err:.3e} baseline_err={base_err:.3e} floor={floor:.1e} bound={bound:.3e} nan={n_nan}")
-    assert n_nan == 0, f"{name}: {n_nan} NaN in the output"
-    for kind, test in (("-inf", torch.isneginf), ("+inf", torch.isposinf)):
-        where_out, where_oracle = test(out), test(oracle)
-        mismatched = int((where_out != where_oracle).sum())
-        assert mismatched == 0, f"{name}: {mismatched} positions differ in being {kind} from the oracle"
-    assert err <= bound, f"{name}: max error {err:.3e} > {ratio} * baseline {base_err:.3e} + floor {floor:.1e}"
+    check = error_ratio(name, out, oracle, baseline, dtype=dtype, floor=floor, ratio=ratio)
+    print(check)
+    assert infinities_match(out, oracle), f"{name}: NaN in the output, or infinities where the oracle has none"
+    assert check.passed, (
+        f"{name}: max error {check.err:.3e} > {ratio} * baseline {check.baseline_err:.3e} + floor {check.floor:.1e}"
+    )
 
 
 def check_against_reference(

@@ -16,6 +16,7 @@ from helpers import PARITY_CASES, attention_arguments, check_against_reference, 
 from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
+from fastattn.configs import CPU_FORWARD_TILES as CPU_TILES
 from fastattn.eager import forward as cpu_fallback
 from fastattn.problem import canonicalize
 
@@ -23,9 +24,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
 # (id, block_m, block_n, tile_elements): blocks that divide nothing, one-head chunks, the defaults.
 BLOCKINGS = [
-    ("b13x7", 13, 7, cpu_fallback.DEFAULT_TILE_ELEMENTS),
+    ("b13x7", 13, 7, CPU_TILES.tile_elements),
     ("b16x32-chunk1", 16, 32, 1),
-    ("default", cpu_fallback.DEFAULT_BLOCK_M, cpu_fallback.DEFAULT_BLOCK_N, cpu_fallback.DEFAULT_TILE_ELEMENTS),
+    ("default", CPU_TILES.block_m, CPU_TILES.block_n, CPU_TILES.tile_elements),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 

@@ -84,8 +84,19 @@ def test_gpu_training_size_matches_sdpa(dtype, causal, E):
 
 
 def test_gpu_tf32_follows_torch_flag():
-    """float32 uses full fp32 matmuls unless torch allows TF32 (conftest turns it off)."""
+    """float32 uses full fp32 matmuls unless torch allows TF32 (conftest turns it off), and TF32
+    when it does: both sides of the flag."""
     q, k, v = (torch.randn(1, 2, 256, 64, device="cuda") for _ in range(3))
-    exact = fastattn.attention(q, k, v)
     oracle = reference.attention(q.double(), k.double(), v.double())
-    assert (exact.double() - oracle).abs().max().item() < 1e-5
+    exact = fastattn.attention(q, k, v)
+    matmul = torch.backends.cuda.matmul
+    matmul.allow_tf32 = True
+    try:
+        fast = fastattn.attention(q, k, v)
+    finally:
+        matmul.allow_tf32 = False
+    exact_err = (exact.double() - oracle).abs().max().item()
+    tf32_err = (fast.double() - oracle).abs().max().item()
+    print(f"ieee err {exact_err:.2e}, tf32 err {tf32_err:.2e}")
+    assert exact_err < 1e-5
+    assert tf32_err > 10 * exact_err  # TF32 keeps 10 mantissa bits: its rounding shows

@@ -42,11 +42,11 @@ def test_quick_run_prints_environment_and_every_backend(capsys):
 
 
 def test_failing_backend_is_a_table_cell_not_a_crash(monkeypatch):
-    def boom(p, return_lse):
+    def boom(p):
         raise RuntimeError("boom")
 
     monkeypatch.setitem(dispatch.REGISTRY, "cpu", dataclasses.replace(dispatch.REGISTRY["cpu"], run=boom))
-    case = info.Case("cpu", torch.float32, 1, 2, 2, 8, 8, 16, causal=True)
+    case = info.case("cpu", torch.float32, 1, 2, 2, 8, 8, 16, causal=True)
     lines = info.run_case(case, "quick")
     cpu_row = next(line for line in lines if _backend(line) == "cpu")
     assert "error: RuntimeError: boom" in cpu_row
@@ -58,7 +58,8 @@ def test_quick_problems_stay_small():
         assert case.scores <= info.MAX_ORACLE_SCORES[case.device], case.name
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--no-such-option"]])
-def test_argparse_exits_cleanly(argv, capsys):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--no-such-option"], 2)])
+def test_argparse_exits_cleanly(argv, code, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         info.main(argv)
+    assert exit_info.value.code == code

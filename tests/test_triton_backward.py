@@ -16,24 +16,24 @@ GPU needed).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FLOOR, PARITY_CASES, Case, assert_close_to_oracle, attention_arguments, make_mask, make_qkv
+from helpers import PARITY_CASES, Case, assert_close_to_oracle, attention_arguments, make_mask, make_qkv
 
 import fastattn
 from fastattn import reference
+from fastattn.configs import BackwardConfig, TileConfig
 from fastattn.dispatch import unsupported_reasons
-from fastattn.problem import canonicalize, lse_dtype
+from fastattn.features import Features
+from fastattn.fused.backward import triton_attention_backward
+from fastattn.fused.block_lists import key_block_lists
 from fastattn.fused.forward import triton_attention_forward
-from fastattn.fused.backward import BackwardConfig, TileConfig, key_block_lists, triton_attention_backward
+from fastattn.problem import canonicalize, lse_dtype
 from fastattn.reference import causal_keep
+from fastattn.testing import FLOOR
 
 pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
 
@@ -283,7 +283,7 @@ def test_key_block_lists_match_brute_force(kind, shape, causal):
     keep = (mask if kind == "bool" else ~torch.isneginf(mask)).expand(B, H, L, S)
     if causal is not None:
         keep = keep & causal_keep(L, S, causal)
-    counts, index = key_block_lists(mask, L, S, bm, bn, causal)
+    counts, index = key_block_lists(mask, L, S, bm, bn, Features(1.0, causal))
     counts = counts.expand(B, H, *counts.shape[2:])
     index = index.expand(B, H, *index.shape[2:])
     for b in range(B):
@@ -296,57 +296,3 @@ def test_key_block_lists_match_brute_force(kind, shape, causal):
                 full = [m for m, t in enumerate(tiles) if kind == "bool" and t.all() and (n + 1) * bn <= S]
                 assert sorted(listed[:n_full]) == full
                 assert sorted(listed[: n_full + n_cut]) == alive
-
-
-def _aot(*args: str) -> list[dict]:
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastattn.fused.aot_backward", "--json", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=3000,
-    )
-    if proc.returncode not in (0, 1):
-        pytest.fail(f"fastattn.aot_backward failed:\n{proc.stderr[-4000:]}")
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert rows, proc.stderr[-2000:]
-    return rows
-
-
-def _check_aot(rows: list[dict]) -> None:
-    for r in rows:
-        print(
-            f"sm_{r['arch']} {r['dtype']} E={r['head_dim']} {r['variant']}: {r['block_m']}x{r['block_n']} "
-            f"w{r['num_warps']} s{r['num_stages']} regs={r['registers']} spills={r['spill_stores']}/"
-            f"{r['spill_loads']} stack={r['stack_bytes']} shared={r['shared_bytes']}/{r['shared_limit']} "
-            f"hgmma={r['hgmma']}"
-        )
-    over = [r for r in rows if r["shared_bytes"] > r["shared_limit"]]
-    assert not over, f"{len(over)} backward kernels need more shared memory than the GPU has: {over[:3]}"
-    spilling = [r for r in rows if (r["spill_stores"] or r["spill_loads"]) and r["head_dim"] < 256]
-    assert not spilling, f"{len(spilling)} backward kernels spill registers: {spilling[:3]}"
-
-
-def test_backward_kernels_compile_for_sm80_sm90():
-    """Every built-in backward config (fp16, fp32; head dims 64, 128, 256) in the main variants:
-    shared memory fits; no spills at head dims 64 and 128 (256: reported only)."""
-    _check_aot(
-        _aot(
-            "--kernels",
-            "dkdv,dq,preprocess",
-            "--dtypes",
-            "fp16,fp32",
-            "--head-dims",
-            "64,128,256",
-            "--variants",
-            "plain,causal-ragged,bool-mask-ragged,float-mask-causal",
-        )
-    )
-
-
-@pytest.mark.slow
-def test_backward_kernels_compile_all_variants():
-    _check_aot(_aot("--kernels", "dkdv,dq,preprocess", "--head-dims", "16,32,64,128,256", "--variants", "all"))

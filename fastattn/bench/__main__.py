@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fastattn.__main__ import use_interpreter_without_gpu
+from fastattn.env import use_interpreter_without_gpu
 
 from .progress import Progress
 from .providers import PROVIDERS, available_providers, default_providers
@@ -93,7 +93,7 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    use_interpreter_without_gpu()  # before anything imports triton (see fastattn.__main__)
+    use_interpreter_without_gpu()  # before anything imports triton (see fastattn.env)
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)

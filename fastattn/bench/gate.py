@@ -1,7 +1,7 @@
 """The correctness gate: a provider is timed only after its answer matches the reference.
 
-The rule is the project's error-ratio rule (CONVENTIONS.md, tests/helpers.py): for each checked
-tensor (the output; with a backward mode also dQ, dK, dV),
+The rule is the project's error-ratio rule (``fastattn.testing``, which the tests use too): for
+each checked tensor (the output; with a backward mode also dQ, dK, dV),
 
     max|x - oracle| <= 2 * max|baseline - oracle| + FLOOR[dtype] * max(1, max|oracle|)
 
@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from fastattn import reference
+from fastattn.testing import error_ratio
 
 from .providers import Call
 from .sweep import Case
 
 # Float64 scores the oracle may materialise (it keeps several (B, Hq, L, S) matrices, more with grads).
 GATE_MAX_SCORES = {"cpu": 2**20, "cuda": 2**26}
-# The floor in units of max(1, max|oracle|): an ulp at 1.0 for fp16/bf16, ~80 fp32 ulps for float32.
-FLOOR = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 1e-5, torch.float64: 1e-12}
 GATE_SEED = 1234  # fresh inputs, not the timed ones
 
 
@@ -48,14 +47,6 @@ class GateResult:
     @property
     def passed(self) -> bool:
         return self.failure is None
-
-
-def max_abs_error(x: torch.Tensor, oracle: torch.Tensor) -> float:
-    """max|x - oracle| over the oracle's finite entries; inf if x is NaN or inf there."""
-    x, oracle = x.detach().double(), oracle.detach().double()
-    diff = torch.where(torch.isfinite(oracle), x - oracle, 0.0).abs()
-    worst = diff.max().item() if diff.numel() else 0.0
-    return worst if math.isfinite(worst) else math.inf  # max() of a NaN is NaN
 
 
 def _forward_and_grads(
@@ -99,11 +90,9 @@ def check(call_for: Callable[[Case], Call], case: Case, mode: str, device: str) 
             return GateResult(
                 name, math.inf, 0.0, checked_on, f"{name} has shape {tuple(x.shape)}, not {tuple(o.shape)}"
             )
-        err = max_abs_error(x, o)
-        magnitude = max(1.0, o.abs().max().item()) if o.numel() else 1.0
-        bound = 2 * max_abs_error(b, o) + FLOOR[small.dtype] * magnitude
-        if not err <= bound:
-            failure = f"{name}: max|err| {err:.2e} > bound {bound:.2e} against the float64 reference"
-            return GateResult(name, err, bound, checked_on, failure)
-        results.append(GateResult(name, err, bound, checked_on, None))
+        r = error_ratio(name, x, o, b, dtype=small.dtype)
+        if not r.passed:
+            failure = f"{name}: max|err| {r.err:.2e} > bound {r.bound:.2e} against the float64 reference"
+            return GateResult(name, r.err, r.bound, checked_on, failure)
+        results.append(GateResult(name, r.err, r.bound, checked_on, None))
     return max(results, key=lambda r: r.max_err / r.bound)

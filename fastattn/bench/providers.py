@@ -97,7 +97,7 @@ def _sdpa_choice(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 @functools.cache
 def _compiled_flex_attention() -> Callable:
     # Imported here: torch.nn.attention.flex_attention pulls in torch._dynamo and triton, and
-    # triton's kernel flavour is fixed at its first import (see fastattn.__main__).
+    # triton's kernel flavour is fixed at its first import (see fastattn.env).
     import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 import fastattn
-from fastattn import dispatch
-from fastattn.__main__ import cpu_name, environment_lines
+from fastattn.env import cpu_name, environment_lines
+from fastattn.fused import triton_import_error
 
 from .runner import Row, Settings
 from .sweep import DTYPE_NAMES, MODES
@@ -74,7 +74,7 @@ REASON_CHARS = 160  # a markdown cell's share of a long reason; CSV and JSON kee
 
 
 def _triton_version() -> str:
-    if dispatch.triton_import_error() is not None:
+    if triton_import_error() is not None:
         return "not importable"
     import triton
 

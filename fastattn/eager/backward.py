@@ -13,10 +13,9 @@ import math
 
 import torch
 
+from .. import configs
 from ..problem import Problem
-
-DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 256
+from .scores import score_mods_, visible_keys, visible_rows
 
 
 def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -27,21 +26,8 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _scores(p: Problem, qb, kb, mask5, m0: int, m1: int, n0: int, n1: int) -> torch.Tensor:
     """Scaled, masked scores (B, Hkv, G * bm, bn) of query rows [m0, m1) and keys [n0, n1)."""
-    B, Hkv, G = p.batch, p.heads_kv, p.group
-    s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(p.scale)
-    s5 = s.view(B, Hkv, G, m1 - m0, n1 - n0)
-    if mask5 is not None:
-        rows_sel = slice(m0, m1) if mask5.shape[3] > 1 else slice(None)
-        mb = mask5[..., rows_sel, n0:n1] if mask5.shape[4] > 1 else mask5[..., rows_sel, :]
-        if mb.dtype == torch.bool:
-            s5.masked_fill_(~mb, -math.inf)
-        else:
-            s5.add_(mb)
-    off = p.causal_offset
-    if off is not None and n1 - 1 > m0 + off:  # the tile crosses the diagonal
-        rows = torch.arange(m0, m1, device=p.device)[:, None]
-        cols = torch.arange(n0, n1, device=p.device)[None, :]
-        s5.masked_fill_(cols > rows + off, -math.inf)
+    s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(p.features.scale)
+    score_mods_(s.view(p.batch, p.heads_kv, p.group, m1 - m0, n1 - n0), p.features, mask5, m0, m1, n0, n1)
     return s
 
 
@@ -56,7 +42,6 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, block_m: int, block_n: int):
     Ev = v.shape[-1]
     row_max = torch.empty(B, Hkv, G, L, dtype=q5.dtype, device=p.device)
     inv_sum, delta = torch.empty_like(row_max), torch.empty_like(row_max)
-    off = p.causal_offset
     for m0 in range(0, L, block_m):
         m1 = min(m0 + block_m, L)
         rows = G * (m1 - m0)
@@ -64,8 +49,8 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, block_m: int, block_n: int):
         m_i = torch.full((B, Hkv, rows), -math.inf, dtype=q5.dtype, device=p.device)
         l_i = torch.zeros_like(m_i)
         acc = torch.zeros(B, Hkv, rows, Ev, dtype=q5.dtype, device=p.device)
-        hi = p.seqlen_k if off is None else max(0, min(p.seqlen_k, m1 + off))
-        for n0 in range(0, hi, block_n):
+        lo, hi = visible_keys(p.features, m0, m1, p.seqlen_k)
+        for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
             s = _scores(p, qb, k[:, :, n0:n1], mask5, m0, m1, n0, n1)
             m_new = torch.maximum(m_i, s.amax(dim=-1))
@@ -91,8 +76,8 @@ def tiled_attention_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor | None = None,
     mask_grad: bool = False,
-    block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_m: int | None = None,
+    block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, dmask) of a canonical problem from its out (B, Hq, L, Ev) and lse (B, Hq, L).
 
@@ -103,11 +88,14 @@ def tiled_attention_backward(
     the gradient of the float mask, summed over its broadcast dims (else dmask is None). Rows with
     no key to attend to (lse = -inf) get zero gradients. Query heads that share a KV head are
     stacked into one matrix product, so dK and dV sum over the group without repeating K or V.
+    The block sizes default to ``fastattn.configs.CPU_BACKWARD_TILES``.
     """
+    block_m = block_m or configs.CPU_BACKWARD_TILES.block_m
+    block_n = block_n or configs.CPU_BACKWARD_TILES.block_n
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
     cdt = torch.float64 if p.dtype == torch.float64 else torch.float32
-    off, scale = p.causal_offset, p.scale
+    scale = p.features.scale
     q5 = p.q.reshape(B, Hkv, G, L, E).to(cdt)
     do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
     k, v = p.k.to(cdt), p.v.to(cdt)
@@ -136,9 +124,9 @@ def tiled_attention_backward(
         kb, vb = k[:, :, n0:n1], v[:, :, n0:n1]
         dk_acc = torch.zeros(B, Hkv, bn, E, dtype=cdt, device=p.device)
         dv_acc = torch.zeros(B, Hkv, bn, Ev, dtype=cdt, device=p.device)
-        # Query rows above this block's causal diagonal see none of its keys: start below it.
-        first_row = 0 if off is None else max(0, n0 - off)
-        for m0 in range(first_row - first_row % block_m, L, block_m):
+        # Query rows that see none of this block's keys (above its causal diagonal) are skipped.
+        first_row, last_row = visible_rows(p.features, n0, n1, L)
+        for m0 in range(first_row - first_row % block_m, last_row, block_m):
             m1 = min(m0 + block_m, L)
             bm = m1 - m0
             qb = q5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, E)

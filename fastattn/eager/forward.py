@@ -17,14 +17,11 @@ import math
 
 import torch
 
+from .. import configs
 from ..problem import Problem, lse_dtype
+from .scores import LN2, LOG2E, score_mods_, visible_keys
 
-DEFAULT_BLOCK_M = 256
-DEFAULT_BLOCK_N = 512
-DEFAULT_TILE_ELEMENTS = 1 << 20  # a 4 MiB fp32 score tile: fewer, larger ops; it stays in L3
 MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,9 +42,9 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
         reasons.append("this torch has no CPU flash-attention op")
     if p.head_dim != p.head_dim_v:
         reasons.append("E != Ev")
-    if p.causal_offset not in (None, 0):
+    if p.features.causal_offset not in (None, 0):
         reasons.append("bottom-right causal alignment with L != S")
-    if p.causal_offset is not None and p.mask is not None:
+    if p.features.causal_offset is not None and p.mask is not None:
         reasons.append("causal and a mask together")
     return reasons
 
@@ -92,7 +89,7 @@ def _sdpa_cpu_rows(p: Problem, mask: torch.Tensor | None) -> tuple[torch.Tensor,
     # silently returns garbage otherwise, e.g. for a (B, H, E, L) tensor transposed.
     q, k, v = (_last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, p.causal_offset is not None, attn_mask=mask, scale=p.scale
+        q, k, v, 0.0, p.features.causal_offset is not None, attn_mask=mask, scale=p.features.scale
     )
 
 
@@ -112,9 +109,9 @@ def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tu
 
 def tiled_attention(
     p: Problem,
-    block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
-    tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    tile_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention's online softmax in PyTorch ops; works on any device.
 
@@ -123,14 +120,17 @@ def tiled_attention(
     (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
     K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
     dtype, and the output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
-    because exp2 is about twice as fast as exp on CPU.
+    because exp2 is about twice as fast as exp on CPU. The block sizes default to
+    ``fastattn.configs.CPU_FORWARD_TILES``.
     """
+    tiles = configs.CPU_FORWARD_TILES
+    block_m, block_n = block_m or tiles.block_m, block_n or tiles.block_n
+    tile_elements = tile_elements or tiles.tile_elements
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
     cdt = _compute_dtype(p.dtype)
     dev = p.device
-    off = p.causal_offset
-    qk_scale = p.scale * LOG2E
+    qk_scale = p.features.scale * LOG2E
     neg_inf = -math.inf
     q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
@@ -153,32 +153,19 @@ def tiled_attention(
             m1 = min(m0 + block_m, L)
             bm = m1 - m0
             rows = G * bm
-            # Keys past the causal diagonal of this block's last row are never visited.
-            hi = S if off is None else max(0, min(S, m1 + off))
+            # Keys no row of this block can see (past the causal diagonal) are never visited.
+            lo, hi = visible_keys(p.features, m0, m1, S)
             qb = torch.empty(nb, nh, G, bm, E, dtype=cdt, device=dev)
             qb.copy_(q5[bs, hs, :, m0:m1]).mul_(qk_scale)
             qb = qb.view(nb * nh, rows, E)
             acc = torch.zeros(nb * nh, rows, Ev, dtype=cdt, device=dev)
             m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
             l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)
-            mask_rows = None
-            if mask_c is not None:
-                mask_rows = mask_c[..., m0:m1, :] if mask_c.shape[3] > 1 else mask_c
-            for n0 in range(0, hi, block_n):
+            for n0 in range(lo, hi, block_n):
                 n1 = min(n0 + block_n, hi)
                 bn = n1 - n0
                 s = torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2))
-                s5 = s.view(nb, nh, G, bm, bn)
-                if mask_rows is not None:
-                    mb = mask_rows[..., n0:n1] if mask_rows.shape[4] > 1 else mask_rows
-                    if mb.dtype == torch.bool:
-                        s5.masked_fill_(mb.logical_not(), neg_inf)
-                    else:
-                        s5.add_(mb, alpha=LOG2E)
-                if off is not None and n1 - 1 > m0 + off:  # the block crosses the diagonal
-                    cols = torch.arange(n0, n1, device=dev)
-                    above = cols[None, :] > torch.arange(m0 + off, m1 + off, device=dev)[:, None]
-                    s5.masked_fill_(above, neg_inf)
+                score_mods_(s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1, log2_units=True)
                 m_new = torch.maximum(m_i, s.amax(dim=-1))
                 # Guard (-inf) - (-inf) for rows that have seen no key yet.
                 m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
@@ -195,11 +182,12 @@ def tiled_attention(
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L).to(lse_dtype(p.dtype))
 
 
-def cpu_fallback_attention(p: Problem, return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_fallback_attention(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles."""
-    if p.causal_offset is not None and p.causal_offset >= p.seqlen_k - 1:
+    off = p.features.causal_offset
+    if off is not None and off >= p.seqlen_k - 1:
         # Every query sees every key (e.g. one decoding step, bottom-right): causality is a no-op.
-        p = dataclasses.replace(p, causal_offset=None)
+        p = dataclasses.replace(p, features=dataclasses.replace(p.features, causal_offset=None))
     if not sdpa_cpu_reasons(p):
         return _sdpa_cpu(p)
     return tiled_attention(p)

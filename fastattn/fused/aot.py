@@ -1,11 +1,19 @@
-"""Ahead-of-time compilation of the kernels for NVIDIA targets, without a GPU.
+"""Ahead-of-time compilation of the launchers' own plans for NVIDIA targets, without a GPU.
 
-``python -m fastattn.aot`` compiles every forward configuration the dispatcher can pick for sm_80
-and sm_90 and prints, per configuration, registers per thread, spill stores/loads and stack
-(read from the cubin by the ``cuobjdump`` that ships inside triton), shared memory against the
-GPU's limit, and whether the SASS uses Hopper's warpgroup tensor-core instructions (HGMMA).
+``python -m fastattn.fused.aot`` builds, for each kernel variant (causal, ragged lengths, padded
+head dims, masks, 64-bit offsets: :data:`VARIANTS`), a problem of meta tensors, asks the
+launchers for their launch plans (``plan_forward`` / ``plan_backward``) with the config the
+dispatcher would pick for sm_80 or sm_90, and compiles each planned kernel. So the constexprs and
+the arguments compiled are the ones a launch passes; nothing here lists them again. Argument
+types come from the planned values: tensors give pointer types, ints i32 (i64 past 2**31), floats
+fp32 only where the kernel annotates the argument ``tl.float32`` (anything else is an error, so a
+float can never be compiled as an integer). Pointers and row strides are marked 16-byte aligned
+and unit strides are specialised to 1, as a launch with contiguous inputs would be.
 
-Compilation needs the compiled kernel flavour: run it with TRITON_INTERPRET unset or 0.
+It prints, per compiled kernel, registers per thread, spill stores/loads and stack (read from the
+cubin by the ``cuobjdump`` inside triton), shared memory against the GPU's limit, and whether the
+SASS uses Hopper's warpgroup MMA (HGMMA). ``--search`` finds backward tiles (see
+:func:`search_tiles`). Compilation needs the compiled kernel flavour: TRITON_INTERPRET unset or 0.
 """
 
 from __future__ import annotations
@@ -23,12 +31,135 @@ from pathlib import Path
 
 import torch
 
-from .configs import FORWARD_CONFIG_SPACE, ForwardConfig, forward_config
+from ..configs import BackwardConfig, TileConfig, backward_config, forward_config, padded_head_dim
+from ..problem import canonicalize
+from . import plumbing as pl
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+KERNELS = {
+    "forward": "attention_forward_kernel",
+    "preprocess": "attention_backward_preprocess_kernel",
+    "dkdv": "attention_backward_dkdv_kernel",
+    "dq": "attention_backward_dq_kernel",
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int32: "i32", torch.uint8: "u8"}  # fmt: skip
+# Row strides of the inputs and outputs: a multiple of 16 bytes in the common case.
+ROW_STRIDES = frozenset({"stride_qm", "stride_kn", "stride_vn", "stride_om", "stride_dom", "stride_dkn", "stride_dvn", "stride_dqm"})  # fmt: skip
 
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+@dataclass(frozen=True)
+class Variant:
+    """A kind of problem the kernels specialise for: causal (top-left), ragged (L, S not block
+    multiples), padded (E, Ev not powers of two), mask ("bool" / "float", shape (1, 1, L, S)),
+    large (a key stride so large that offsets need 64 bits: LARGE_OFFSETS)."""
+
+    causal: bool = False
+    ragged: bool = False
+    padded: bool = False
+    mask: str | None = None
+    large: bool = False
+
+
+VARIANTS = {
+    "plain": Variant(),
+    "causal": Variant(causal=True),
+    "ragged": Variant(ragged=True),
+    "causal-ragged": Variant(causal=True, ragged=True),
+    "bool-mask": Variant(mask="bool"),
+    "padded-dims": Variant(padded=True),
+    "bool-mask-ragged": Variant(mask="bool", ragged=True, padded=True),
+    "float-mask-causal": Variant(causal=True, mask="float"),
+    "large-offsets": Variant(causal=True, large=True),
+}
+# The variants every config must compile spill-free (large-offsets is the rare path: reported).
+SPILL_FREE_VARIANTS = tuple(v for v in VARIANTS if v != "large-offsets")
+
+
+def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v: int):
+    """A problem of meta tensors (no memory) with the variant's properties; head dims are padded
+    ones (a padded variant takes one less)."""
+    v = VARIANTS[variant]
+    L = S = 1000 if v.ragged else 1024
+    E, Ev = (head_dim - 1, head_dim_v - 1) if v.padded else (head_dim, head_dim_v)
+    meta = dict(device="meta", dtype=dtype)
+    q = torch.empty(2, 2, L, E, **meta)
+    if v.large:  # a KV cache view whose rows lie 2**21 elements apart: S * stride reaches 2**31
+        k = torch.empty(0, **meta).as_strided((2, 2, S, E), (2 * S * 2**21, S * 2**21, 2**21, 1))
+        v_ = torch.empty(0, **meta).as_strided((2, 2, S, Ev), (2 * S * 2**21, S * 2**21, 2**21, 1))
+    else:
+        k, v_ = torch.empty(2, 2, S, E, **meta), torch.empty(2, 2, S, Ev, **meta)
+    mask = None
+    if v.mask:
+        mask = torch.empty(1, 1, L, S, device="meta", dtype=torch.bool if v.mask == "bool" else dtype)
+    return canonicalize(q, k, v_, attn_mask=mask, is_causal=v.causal)
+
+
+def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch: int, tile: TileConfig | None = None):
+    """The launch the launchers plan for `kernel` on this variant's problem, for sm_<arch>, with
+    the dispatcher's config (or `tile` for this kernel instead)."""
+    from .backward import plan_backward
+    from .forward import plan_forward
+
+    p = variant_problem(variant, dtype, head_dim, head_dim_v)
+    # TF32 allowed: fp32 kernels compiled with input_precision="tf32".
+    target = pl.Target((arch // 10, arch % 10), allow_tf32=True)
+    args = (head_dim, head_dim_v, dtype, target.capability)
+    out = torch.empty(*p.q.shape[:-1], p.head_dim_v, device="meta", dtype=dtype)
+    lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
+    if kernel == "forward":
+        return plan_forward(p, out, lse, tile or forward_config(*args, masked=p.mask is not None), target)[0]
+    config = backward_config(*args, masked=p.mask is not None)
+    if tile is not None:
+        config = BackwardConfig(tile, config.dq) if kernel == "dkdv" else BackwardConfig(config.dkdv, tile)
+    grads = tuple(torch.empty_like(t) for t in (p.q, p.k, p.v))
+    launches = plan_backward(p, out, lse, torch.empty_like(out), torch.empty_like(lse), grads, config, target)
+    return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
+
+
+def source(launch: pl.Launch):
+    """An ASTSource of the planned launch (see the module docstring for how arguments are typed)."""
+    from triton.compiler import ASTSource
+
+    from .kernels import interpreted
+
+    if interpreted():
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset or 0")
+    fn = launch.jit_function()
+    names = [param.name for param in fn.params]
+    unknown = set(launch.args) | set(launch.constexprs)
+    unknown -= set(names)
+    if unknown:
+        raise TypeError(f"{launch.kernel}: the launch passes arguments the kernel does not take: {sorted(unknown)}")
+    signature, constexprs, aligned = {}, dict(launch.constexprs), []
+    for i, param in enumerate(fn.params):
+        name = param.name
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name not in launch.args:
+            raise TypeError(f"{launch.kernel}: the launch does not pass {name}")
+        value = launch.args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
+            aligned.append(i)
+        elif isinstance(value, float):
+            if param.annotation_type != "fp32":
+                raise TypeError(f"{launch.kernel}: float argument {name} must be annotated tl.float32 in the kernel")
+            signature[name] = "fp32"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if name.startswith("stride_") and value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if name in ROW_STRIDES:
+                aligned.append(i)
+        else:
+            raise TypeError(f"{launch.kernel}: argument {name} has a value of type {type(value).__name__}")
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
 @dataclass
@@ -55,78 +186,6 @@ class CompileReport:
         return self.shared_bytes <= self.shared_limit
 
 
-VARIANTS = {
-    # name: (IS_CAUSAL, MASK_KIND, CHECK_M, CHECK_N, CHECK_E, CHECK_EV)
-    "plain": (False, 0, False, False, False, False),
-    "causal": (True, 0, False, False, False, False),
-    "ragged": (False, 0, True, True, False, False),
-    "causal-ragged": (True, 0, True, True, False, False),
-    "bool-mask": (False, 1, False, False, False, False),
-    "padded-dims": (False, 0, False, False, True, True),
-    "bool-mask-ragged": (False, 1, True, True, True, True),
-    "float-mask-causal": (True, 2, False, False, False, False),
-}
-
-
-def forward_source(dtype: torch.dtype, head_dim: int, head_dim_v: int, config: ForwardConfig, variant: str):
-    """An ASTSource of the forward kernel, specialised as a launch with contiguous inputs would be."""
-    from triton.compiler import ASTSource
-
-    from .kernels import interpreted
-    from .kernels.forward import attention_forward_kernel as kernel
-
-    if interpreted():
-        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset or 0")
-    is_causal, mask_kind, check_m, check_n, check_e, check_ev = VARIANTS[variant]
-    t = _TRITON_DTYPE[dtype]
-    mask_t = {0: "i32", 1: "u8", 2: t}[mask_kind]
-    pointers = {
-        "Out": t,
-        "Lse": "fp32",
-        "Q": t,
-        "K": t,
-        "V": t,
-        "Mask": mask_t,
-        "BlockCount": "i32",
-        "BlockIndex": "i32",
-    }
-    constexprs = {
-        "HEAD_DIM": head_dim,
-        "HEAD_DIM_V": head_dim_v,
-        "BLOCK_M": config.block_m,
-        "BLOCK_N": config.block_n,
-        "IS_CAUSAL": is_causal,
-        "MASK_KIND": mask_kind,
-        "CHECK_M": check_m,
-        "CHECK_N": check_n,
-        "CHECK_E": check_e,
-        "CHECK_EV": check_ev,
-        "LARGE_OFFSETS": False,
-        "INPUT_PRECISION": "tf32",
-    }
-    # Unit strides of the last dims are specialised to 1, as triton does at launch.
-    for name in ("stride_qk", "stride_kk", "stride_vk", "stride_ok"):
-        constexprs[name] = 1
-    if mask_kind:
-        constexprs["stride_mn"] = 1
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in ("qk_scale", "qk_scale_lo"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    # Pointers and row strides are 16-byte aligned in the common case (what triton would specialise).
-    aligned = [
-        n for n in kernel.arg_names if n in pointers or n in ("stride_qm", "stride_kn", "stride_vn", "stride_om")
-    ]
-    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-
-
 def _cuobjdump() -> str:
     import triton
 
@@ -151,42 +210,41 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int, bool]:
     return regs, spill_stores, spill_loads, stack, "HGMMA" in sass
 
 
-def compile_forward(
-    dtype: torch.dtype,
+def compile_kernel(
+    kernel: str,
+    dtype,
     head_dim: int,
     head_dim_v: int,
     arch: int,
     variant: str = "plain",
-    config: ForwardConfig | None = None,
+    tile: TileConfig | None = None,
 ) -> CompileReport:
-    """Compile one forward specialisation for sm_<arch> and report its resource use."""
-    masked = VARIANTS[variant][1] != 0
-    config = config or forward_config(head_dim, head_dim_v, dtype, (arch // 10, arch % 10), masked=masked)
-    src = forward_source(dtype, head_dim, head_dim_v, config, variant)
-    return compile_report(src, dtype, head_dim, head_dim_v, arch, config, variant)
-
-
-def compile_report(src, dtype: torch.dtype, head_dim: int, head_dim_v: int, arch: int, config, variant: str):
-    """Compile `src` for sm_<arch> with `config` (block sizes, warps, stages) and report its resource use."""
+    """Compile one planned kernel for sm_<arch> and report its resource use. The report's variant
+    is the variant's name for the forward, "<kernel>:<variant>" for the backward kernels, with
+    ":key-major" appended for a key-major dK/dV tile."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    launch = plan(kernel, variant, dtype, head_dim, head_dim_v, arch, tile)
     compiled = triton.compile(
-        src,
+        source(launch),
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
     )
     regs, st, ld, stack, hgmma = _resource_usage(compiled.asm["cubin"])
+    name = variant if kernel == "forward" else f"{kernel}:{variant}"
+    if kernel == "dkdv" and launch.tile.key_major:
+        name += ":key-major"
     return CompileReport(
         arch=arch,
         dtype=_TRITON_DTYPE[dtype],
         head_dim=head_dim,
         head_dim_v=head_dim_v,
-        block_m=config.block_m,
-        block_n=config.block_n,
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-        variant=variant,
+        block_m=launch.tile.block_m,
+        block_n=launch.tile.block_n,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+        variant=name,
         registers=regs,
         spill_stores=st,
         spill_loads=ld,
@@ -197,21 +255,8 @@ def compile_report(src, dtype: torch.dtype, head_dim: int, head_dim_v: int, arch
     )
 
 
-def dispatch_space(dtypes=None, head_dims=None, all_pairs: bool = False):
-    """(dtype, head_dim, head_dim_v, arch) the dispatcher can meet on sm_80 and sm_90 (padded dims)."""
-    for hd, hdv, dtype, cap in FORWARD_CONFIG_SPACE:
-        if not all_pairs and hd != hdv:
-            continue
-        if dtypes and _TRITON_DTYPE[dtype] not in dtypes:
-            continue
-        if head_dims and (hd not in head_dims or hdv not in head_dims):
-            continue
-        yield dtype, hd, hdv, cap[0] * 10 + cap[1]
-
-
 def _compile_job(job) -> dict:
-    dtype, hd, hdv, arch, variant = job
-    return asdict(compile_forward(dtype, hd, hdv, arch, variant))
+    return asdict(compile_kernel(*job))
 
 
 def format_row(r: dict) -> str:
@@ -224,29 +269,116 @@ def format_row(r: dict) -> str:
     )
 
 
+TABLE_HEADER = (
+    "| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+# Tile candidates of --search, best first: (BLOCK_M, BLOCK_N, warps). For dK/dV a wider key block
+# (BLOCK_N) means fewer passes over Q and dO (each program reads all of them once), so BLOCK_N leads;
+# for dQ the query block (BLOCK_M) leads, for the same reason with K and V.
+SEARCH_CANDIDATES = {
+    "dkdv": [(32, 128, 8), (16, 128, 8), (64, 64, 8), (32, 64, 8), (16, 64, 8), (32, 64, 4), (16, 64, 4),
+             (32, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4)],
+    "dq": [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (32, 16, 4), (16, 16, 4)],
+}  # fmt: skip
+# The padded head dims that share a config bucket (the table is keyed by the largest): a tile must
+# compile spill-free for each (ptxas spilled at E=32 where the same tile was clean at E=64).
+BUCKET_HEAD_DIMS = {64: (64, 32, 16), 128: (128,), 256: (256,)}
+
+
+def search_tiles(
+    kernel: str, dtype, head_dim: int, arch: int, stages: int, pool
+) -> list[tuple[TileConfig, list[dict]]]:
+    """Compile SEARCH_CANDIDATES[kernel] in order (dK/dV: each tile query-major, then key-major);
+    stop at the first whose SPILL_FREE_VARIANTS all compile without spills (ptxas sometimes caps a
+    cheaper variant at 128 registers and spills where a costlier one does not) and fit in shared
+    memory, for every head dim of head_dim's bucket (BUCKET_HEAD_DIMS; a candidate is dropped at
+    its first failing head dim). Returns every (tile, reports of one head dim) tried, the chosen
+    one last (unless none fit)."""
+    tried = []
+    orientations = (False, True) if kernel == "dkdv" else (False,)
+    for bm, bn, warps in SEARCH_CANDIDATES[kernel]:
+        for key_major in orientations:
+            tile = TileConfig(bm, bn, warps, stages, key_major)
+            for hd in BUCKET_HEAD_DIMS.get(head_dim, (head_dim,)):
+                rows = list(
+                    pool.map(_compile_job, [(kernel, dtype, hd, hd, arch, v, tile) for v in SPILL_FREE_VARIANTS])
+                )
+                tried.append((tile, rows))
+                if not all(
+                    r["spill_stores"] == r["spill_loads"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in rows
+                ):
+                    break
+            else:
+                return tried
+    return tried
+
+
+def _search_main(args, pool) -> int:
+    cols = " | ".join(SPILL_FREE_VARIANTS)
+    print(f"| kernel | arch | dtype | E | BM | BN | warps | stages | key-major | {cols} | spill-free |")
+    print(f"|---|---|---|---|---|---|---|---|---|{'---|' * len(SPILL_FREE_VARIANTS)}---|")
+    for kernel in args.kernels.split(","):
+        for arch in (int(a) for a in args.archs.split(",")):
+            for dt in args.dtypes.split(","):
+                for hd in (int(h) for h in args.head_dims.split(",")):
+                    for t, rows in search_tiles(kernel, DTYPES[dt], hd, arch, 3 if arch >= 90 else 2, pool):
+                        cells = " | ".join(
+                            f"{g['registers']} regs, {g['spill_stores']}/{g['spill_loads']} spills"
+                            + ("" if g["shared_bytes"] <= g["shared_limit"] else ", over shared")
+                            for g in rows
+                        )
+                        ok = all(g["spill_stores"] == g["spill_loads"] == 0 for g in rows)
+                        print(
+                            f"| {kernel} | sm_{arch} | {dt} | {rows[0]['head_dim']} | {t.block_m} | {t.block_n} | "
+                            f"{t.num_warps} | {t.num_stages} | {'yes' if t.key_major else 'no'} | {cells} | "
+                            f"{'yes' if ok else ''} |",
+                            flush=True,
+                        )
+    return 0
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastattn.aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--all-pairs", action="store_true", help="every (E, Ev) pair, not only E == Ev (slow)")
+    parser = argparse.ArgumentParser(prog="python -m fastattn.fused.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {','.join(KERNELS)}")
     parser.add_argument("--variants", default="plain", help=f"comma list of {','.join(VARIANTS)}, or 'all'")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma list of fp16,bf16,fp32")
-    parser.add_argument("--head-dims", default="", help="comma list of padded head dims (default: all)")
+    parser.add_argument("--head-dims", default="16,32,64,128,256", help="comma list of padded head dims")
+    parser.add_argument("--all-pairs", action="store_true", help="every (E, Ev) pair of --head-dims, not only E == Ev")
+    parser.add_argument("--archs", default="80,90", help="comma list of sm_ numbers")
+    parser.add_argument("--tile", default="", help="BLOCK_M,BLOCK_N,warps,stages[,key_major] instead of the config")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compilations")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="for each backward kernel (dkdv, dq), arch, dtype and head-dim bucket, find the first tile of "
+        "SEARCH_CANDIDATES that is spill-free in every variant and head dim of the bucket (sm_90: 3 stages, "
+        "sm_80: 2); print every compile tried (the chosen tile's rows come last)",
+    )
     args = parser.parse_args(argv)
-    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    head_dims = [int(d) for d in args.head_dims.split(",") if d]
-    jobs = [
-        (dtype, hd, hdv, arch, v)
-        for dtype, hd, hdv, arch in dispatch_space(args.dtypes.split(","), head_dims, args.all_pairs)
-        for v in variants
-    ]
-    if not args.json:
-        print(
-            "| arch | dtype | E | Ev | BM | BN | warps | stages | variant | regs | spill st/ld | stack | shared KB | HGMMA |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    bad = 0
+    for h in args.head_dims.split(","):
+        if padded_head_dim(int(h)) != int(h):
+            parser.error(f"--head-dims takes padded head dims (powers of two from 16), got {h}")
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        if args.search:
+            return _search_main(args, pool)
+        variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        tile = TileConfig(*(int(x) for x in args.tile.split(","))) if args.tile else None
+        dims = [int(d) for d in args.head_dims.split(",")]
+        pairs = [(a, b) for a in dims for b in dims] if args.all_pairs else [(d, d) for d in dims]
+        jobs = [
+            (kernel, DTYPES[dt], hd, hdv, int(arch), variant, tile)
+            for kernel in args.kernels.split(",")
+            for arch in args.archs.split(",")
+            for dt in args.dtypes.split(",")
+            for hd, hdv in pairs
+            for variant in variants
+        ]
+        if not args.json:
+            print(TABLE_HEADER)
+        bad = 0
         for r in pool.map(_compile_job, jobs):
             bad += r["shared_bytes"] > r["shared_limit"]
             print(json.dumps(r) if args.json else format_row(r), flush=True)

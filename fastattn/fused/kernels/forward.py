@@ -70,7 +70,7 @@ def mask_scores(
 @triton.jit
 def scores_tile(
     q, k, M_rows, offs_m, local_m, cols, rows_kv, stride_mm, stride_mn, L, S,
-    qk_scale, qk_scale_lo, causal_offset,
+    qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset,
     MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -129,7 +129,7 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     H, GROUP, L, S, E, EV,
-    qk_scale, qk_scale_lo, causal_offset,
+    qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,

@@ -1,0 +1,204 @@
+"""Every tunable of fastattn in one place, kept apart from the code that uses it.
+
+- The Triton kernels: ``forward_config`` and ``backward_config`` map (padded head dims, dtype,
+  GPU capability, tensor mask or not) to block sizes, warps and pipeline stages (a
+  :class:`TileConfig` per kernel). ``set_forward_config(fn)`` / ``set_backward_config(fn)``
+  replace either choice with a function of the same signature (None restores the built-in one).
+  Every config a built-in function can return is compiled ahead of time for sm_80 and sm_90 by
+  the tests (``CONFIG_SPACE`` lists the keys). ``preprocess_block_m`` sizes the backward's
+  preprocess kernel.
+- The PyTorch paths: ``CPU_FORWARD_TILES`` and ``CPU_BACKWARD_TILES``, read at each call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiles of one Triton kernel: BLOCK_M query rows by BLOCK_N keys, warps, pipeline stages.
+
+    key_major (the dK/dV kernel only): compute its score tiles as K Q^T (keys along rows, K and V
+    in registers) instead of Q K^T (K and V read by the MMA from shared memory, P and dS
+    transposed); see fused.kernels.backward."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    key_major: bool = False
+
+
+ForwardConfig = TileConfig  # the forward kernel's tiles (key_major does not apply)
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the two backward kernels: dkdv (BLOCK_N keys per program, BLOCK_M query rows per
+    step) and dq (BLOCK_M query rows per program, BLOCK_N keys per step)."""
+
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+@dataclass(frozen=True)
+class CpuTiles:
+    """Tiles of the PyTorch tiled paths: query rows and keys per score tile, and (forward) how
+    many score elements a (batch, head) chunk's tile may hold (it should stay in cache)."""
+
+    block_m: int
+    block_n: int
+    tile_elements: int = 0
+
+
+CPU_FORWARD_TILES = CpuTiles(256, 512, 1 << 20)  # a 4 MiB fp32 score tile: fewer, larger ops; it stays in L3
+CPU_BACKWARD_TILES = CpuTiles(128, 256)
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims are padded to a power of two (and at least 16, tl.dot's minimum)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def _bucket(head_dim: int, head_dim_v: int) -> int:
+    return next(b for b in (64, 128, 256) if max(head_dim, head_dim_v) <= b)
+
+
+# (Hopper or newer, 16-bit inputs, head-dim bucket, tensor mask) -> (BLOCK_M, BLOCK_N, warps, stages).
+# Chosen as the largest tiles that compile without register spills (python -m fastattn.fused.aot, triton
+# 3.9; the tests re-check every entry). Masked kernels load a (BLOCK_M, BLOCK_N) mask tile and
+# convert its layout, which costs registers: they get narrower key blocks. Not yet tuned by timing
+# on a GPU.
+_FORWARD_TABLE = {
+    (True, True, 64, False): (128, 128, 8, 3),
+    (True, True, 64, True): (128, 32, 8, 3),
+    (True, True, 128, False): (128, 64, 8, 3),
+    (True, True, 128, True): (64, 32, 8, 3),
+    (True, True, 256, False): (64, 16, 8, 3),
+    (True, True, 256, True): (64, 16, 8, 3),
+    (True, False, 64, False): (128, 32, 8, 3),
+    (True, False, 64, True): (128, 32, 8, 3),
+    (True, False, 128, False): (32, 32, 4, 3),
+    (True, False, 128, True): (32, 32, 4, 3),
+    (True, False, 256, False): (32, 32, 4, 3),
+    (True, False, 256, True): (32, 32, 4, 3),
+    (False, True, 64, False): (128, 128, 8, 2),
+    (False, True, 64, True): (128, 32, 8, 2),
+    (False, True, 128, False): (64, 32, 4, 2),
+    (False, True, 128, True): (64, 32, 8, 2),
+    (False, True, 256, False): (64, 32, 8, 2),
+    (False, True, 256, True): (64, 32, 8, 2),
+    (False, False, 64, False): (128, 32, 8, 2),
+    (False, False, 64, True): (128, 32, 8, 2),
+    (False, False, 128, False): (32, 32, 4, 2),
+    (False, False, 128, True): (64, 32, 8, 2),
+    (False, False, 256, False): (32, 32, 4, 2),
+    (False, False, 256, True): (32, 16, 4, 2),
+}
+
+
+# (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
+# (BLOCK_M, BLOCK_N, warps, stages, key_major), dQ (BLOCK_M, BLOCK_N, warps, stages). dK/dV: the
+# first tile of fused.aot.SEARCH_CANDIDATES (widest key block first) that compiles without register
+# spills in every kernel variant (causal, ragged L/S, padded head dims, bool/float masks) and every
+# padded head dim of the bucket (16, 32, 64 share the 64 entry), query-major
+# tried before key-major, found with triton 3.9 by `python -m fastattn.fused.aot --search`
+# (benchmarks/results/aot/backward_search_triton-3.9.md).
+# float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
+# Not yet tuned by timing on a GPU.
+_BACKWARD_TABLE = {
+    (True, True, 64): ((32, 128, 8, 3, False), (128, 32, 8, 3)),
+    (True, True, 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
+    (True, True, 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
+    (True, False, 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
+    (True, False, 128): ((32, 32, 4, 3, False), (32, 16, 4, 3)),
+    (True, False, 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
+    (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
+    (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
+    (False, True, 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
+    (False, False, 64): ((32, 32, 4, 2, False), (128, 32, 8, 2)),
+    (False, False, 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
+    (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
+}
+
+# The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
+# tests' short sequences, and cost little.
+_INTERPRETER_TILE = TileConfig(32, 32, 4, 1)
+
+
+def default_forward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+) -> TileConfig:
+    """The built-in forward choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
+    if capability is None:
+        return _INTERPRETER_TILE
+    key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v), masked)
+    return TileConfig(*_FORWARD_TABLE[key])
+
+
+def default_backward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+) -> BackwardConfig:
+    """The built-in backward choice (same arguments as the forward's). Its table has no masked key:
+    each entry was searched spill-free in every variant, masked ones included."""
+    if capability is None:
+        return BackwardConfig(_INTERPRETER_TILE, _INTERPRETER_TILE)
+    dkdv, dq = _BACKWARD_TABLE[(capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))]
+    return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
+
+
+def preprocess_block_m(head_dim_v: int) -> int:
+    """Rows per program of the backward's preprocess kernel: 2048 elements of O and dO each (no spills)."""
+    return max(16, 2048 // head_dim_v)
+
+
+# (padded head_dim, padded head_dim_v, dtype, capability) the dispatcher can meet on sm_80 and sm_90.
+CONFIG_SPACE = [
+    (hd, hdv, dtype, cap)
+    for cap in ((8, 0), (9, 0))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32)
+    for hd in (16, 32, 64, 128, 256)
+    for hdv in (16, 32, 64, 128, 256)
+]
+FORWARD_CONFIG_SPACE = CONFIG_SPACE
+
+_DEFAULTS: dict[str, Callable] = {"forward": default_forward_config, "backward": default_backward_config}
+_chosen: dict[str, Callable] = dict(_DEFAULTS)
+
+
+def _config(kind: str, head_dim, head_dim_v, dtype, capability, masked):
+    return _chosen[kind](head_dim, head_dim_v, dtype, capability, masked=masked)
+
+
+def _replace(kind: str, fn: Callable | None) -> None:
+    if fn is not None and not callable(fn):
+        raise TypeError(f"set_{kind}_config takes a function or None, got {type(fn).__name__}")
+    _chosen[kind] = fn or _DEFAULTS[kind]
+
+
+def forward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+) -> TileConfig:
+    """The forward tiles the launcher uses (the built-in choice unless replaced); masked: a tensor attn_mask."""
+    return _config("forward", head_dim, head_dim_v, dtype, capability, masked)
+
+
+def backward_config(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+) -> BackwardConfig:
+    """The backward tiles the launcher uses (the built-in choice unless replaced)."""
+    return _config("backward", head_dim, head_dim_v, dtype, capability, masked)
+
+
+def set_forward_config(fn: Callable[..., TileConfig] | None) -> None:
+    """Replace the forward config function (forward_config's signature); None restores the built-in one."""
+    _replace("forward", fn)
+
+
+def set_backward_config(fn: Callable[..., BackwardConfig] | None) -> None:
+    """Replace the backward config function (backward_config's signature); None restores the built-in one."""
+    _replace("backward", fn)

@@ -1,0 +1,179 @@
+"""Host code every Triton launcher shares: a launch as data, and what goes into one.
+
+A launcher turns a problem into a list of :class:`Launch` plans (one per batch chunk) and runs
+them; the AOT tool compiles the same plans for sm_80 / sm_90 (``fused/aot.py``), so what it
+reports is what the launchers would launch. Here: the target (compiled GPU or interpreter), the
+input precision, the split float64 scale, 64-bit offsets, batch chunks, named strides, the mask
+operand, and :func:`feature_launch_args`, the one place where a call's features become kernel
+constexprs and scalars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..configs import TileConfig
+from ..problem import Problem
+
+LOG2E = 1.4426950408889634  # exp2 is one instruction: the kernels fold log2(e) into the scale
+# CUDA limits grid dims y and z to 65535; the batch axis is launched in chunks of at most this.
+MAX_GRID_YZ = 65535
+# Kernel integer offsets start * stride are 32-bit unless one can reach this (then LARGE_OFFSETS).
+OFFSET_LIMIT = 2**31
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where kernels run: capability (major, minor) of the GPU they compile for, or None for
+    Triton's interpreter; allow_tf32: fp32 matmuls may use TF32 (torch's flag at launch)."""
+
+    capability: tuple[int, int] | None
+    allow_tf32: bool = False
+
+    @classmethod
+    def of(cls, p: Problem) -> Target:
+        """The target of a launch for `p` in this process."""
+        from .kernels import interpreted
+
+        if interpreted() or p.device.type != "cuda":
+            return cls(None)
+        return cls(torch.cuda.get_device_capability(p.device), torch.backends.cuda.matmul.allow_tf32)
+
+    def input_precision(self, dtype: torch.dtype) -> str:
+        """tl.dot's input_precision: IEEE in the interpreter and for fp32 unless TF32 is allowed."""
+        if self.capability is None:
+            return "ieee"
+        if dtype == torch.float32:
+            return "tf32" if self.allow_tf32 else "ieee"
+        return "tf32"  # ignored for 16-bit operands (float64 runs only interpreted)
+
+
+@dataclass
+class Launch:
+    """One kernel launch: `kernel` (a name in fused.kernels.<module>), its grid, every runtime
+    argument by name (tensors, ints, floats) and every constexpr, and the tile it was planned with."""
+
+    module: str
+    kernel: str
+    grid: tuple[int, int, int]
+    args: dict[str, object]
+    constexprs: dict[str, object]
+    tile: TileConfig
+    num_warps: int = field(init=False)
+    num_stages: int = field(init=False)
+
+    def __post_init__(self):
+        self.num_warps, self.num_stages = self.tile.num_warps, self.tile.num_stages
+
+    def jit_function(self):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.kernels.{self.module}"), self.kernel)
+
+    def __call__(self) -> None:
+        self.jit_function()[self.grid](
+            **self.args, **self.constexprs, num_warps=self.num_warps, num_stages=self.num_stages
+        )
+
+
+def run(launches: list[Launch], device: torch.device) -> None:
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for launch in launches:
+            launch()
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a copy when its last dim is strided: the kernels assume unit stride there."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def strides(letter: str, t: torch.Tensor, dims: str, broadcast: bool = False) -> dict[str, int]:
+    """{"stride_<letter><d>": stride} for the leading len(dims) dims of `t` (CONVENTIONS' names);
+    broadcast: size-1 dims get stride 0, so one index formula serves broadcast and full dims."""
+    return {
+        f"stride_{letter}{d}": 0 if broadcast and size == 1 else stride
+        for d, size, stride in zip(dims, t.shape, t.stride())
+    }
+
+
+def split_scale(x: float) -> tuple[float, float]:
+    """(hi, lo) float32 values with hi + lo = x to ~48 bits: kernel float arguments are float32, and
+    the float64 kernels multiply by both halves (narrower ones use hi)."""
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    lo = struct.unpack("f", struct.pack("f", x - hi))[0]
+    return hi, lo
+
+
+def large_offsets(p: Problem, mask: torch.Tensor, *tensors: torch.Tensor) -> bool:
+    """Can a block offset (start * row stride, start over L or S) pass OFFSET_LIMIT in one of
+    `tensors` (B, H, rows, dim) or the mask? Then the kernels compute offsets in 64 bits."""
+    L, S = p.seqlen_q, p.seqlen_k
+    spans = [max(L, S) * abs(t.stride(2)) for t in tensors]
+    spans += [L * abs(mask.stride(2)), S * abs(mask.stride(3))]
+    return max(spans) >= OFFSET_LIMIT
+
+
+def mask_operand(p: Problem) -> tuple[int, torch.Tensor]:
+    """(MASK_KIND, the Mask pointer's tensor): 0 and a dummy without a mask, 1 and a uint8 view
+    for a bool mask, 2 and the mask itself for a float one."""
+    if p.mask is None:
+        return 0, dummy(p)
+    if p.mask.dtype == torch.bool:
+        return 1, p.mask.view(torch.uint8)
+    return 2, p.mask
+
+
+def dummy(p: Problem) -> torch.Tensor:
+    """A (1, 1, 1, 1) int32 tensor for pointer arguments a kernel variant never reads."""
+    return torch.empty(1, 1, 1, 1, dtype=torch.int32, device=p.device)
+
+
+def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object]]:
+    """(scalars, constexprs) of the call's features for every kernel with a score step."""
+    f = p.features
+    qk_scale, qk_scale_lo = split_scale(f.scale * LOG2E)
+    mask_kind, _ = mask_operand(p)
+    scalars = {"qk_scale": qk_scale, "qk_scale_lo": qk_scale_lo, "causal_offset": f.causal_offset or 0}
+    constexprs = {"IS_CAUSAL": f.causal_offset is not None, "MASK_KIND": mask_kind}
+    return scalars, constexprs
+
+
+def head_dim_constexprs(p: Problem) -> dict[str, object]:
+    """The padded head dims and whether the real ones need checking."""
+    from ..configs import padded_head_dim
+
+    head_dim, head_dim_v = padded_head_dim(p.head_dim), padded_head_dim(p.head_dim_v)
+    return dict(
+        HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, CHECK_E=p.head_dim != head_dim, CHECK_EV=p.head_dim_v != head_dim_v
+    )
+
+
+def tile_constexprs(p: Problem, tile: TileConfig) -> dict[str, object]:
+    """The tile's block sizes and whether L and S need checking against them."""
+    return dict(
+        BLOCK_M=tile.block_m,
+        BLOCK_N=tile.block_n,
+        CHECK_M=p.seqlen_q % tile.block_m != 0,
+        CHECK_N=p.seqlen_k % tile.block_n != 0,
+    )
+
+
+def batch_chunks(B: int) -> Iterator[slice]:
+    """Slices of the batch axis, each at most MAX_GRID_YZ long (one launch each)."""
+    for b0 in range(0, B, MAX_GRID_YZ):
+        yield slice(b0, min(B, b0 + MAX_GRID_YZ))
+
+
+def chunk(t: torch.Tensor, batch: slice) -> torch.Tensor:
+    """The batch chunk of a per-batch tensor; broadcast ones (batch dim 1) stay whole."""
+    return t[batch] if t.shape[0] > 1 else t
+
+
+def cdiv(a: int, b: int) -> int:
+    return math.ceil(a / b)
