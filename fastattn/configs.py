@@ -5,7 +5,7 @@
   :class:`TileConfig` per kernel). ``set_forward_config(fn)`` / ``set_backward_config(fn)``
   replace either choice with a function of the same signature (None restores the built-in one).
   Every config a built-in function can return is compiled ahead of time for sm_80 and sm_90 by
-  the tests (``CONFIG_SPACE`` lists the keys). ``preprocess_block_m`` sizes the backward's
+  the tests (``CONFIG_SPACE`` lists the keys). ``preprocess_config`` sizes the backward's
   preprocess kernel.
 - The PyTorch paths: ``CPU_FORWARD_TILES`` and ``CPU_BACKWARD_TILES``, read at each call.
 """
@@ -151,9 +151,10 @@ def default_backward_config(
     return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
 
 
-def preprocess_block_m(head_dim_v: int) -> int:
-    """Rows per program of the backward's preprocess kernel: 2048 elements of O and dO each (no spills)."""
-    return max(16, 2048 // head_dim_v)
+def preprocess_config(head_dim_v: int) -> TileConfig:
+    """The backward's preprocess kernel (delta = rowsum(dO * O)): rows per program so that each holds
+    2048 elements of O and dO (no spills), 4 warps, no pipelining (it streams each row once)."""
+    return TileConfig(max(16, 2048 // head_dim_v), 0, 4, 1)
 
 
 # (padded head_dim, padded head_dim_v, dtype, capability) the dispatcher can meet on sm_80 and sm_90.

@@ -13,19 +13,26 @@ seeds. Everything else reads it:
   (``fused/kernels/common.py``), the launch constexprs and scalars (``fused/plumbing.py``) and the
   AOT variants (``fused/aot.py``) read the fields.
 
-Adding a score modifier (a sliding window, a softcap, ALiBi), the whole checklist:
+Adding a score modifier (a sliding window, a softcap, ALiBi), the whole checklist (8 files,
+each a few lines, plus tests):
 
-1. here: a field of :class:`Features` (an ``int``, ``int | None``, ``float`` or ``bool``), its
-   argument check in :func:`check_features`, and a :data:`FEATURES` entry (when it is used, which
-   backends serve and differentiate it);
-2. ``interface.py`` and ``reference.py``: the keyword argument and its docstring sentence,
-   passed on to ``problem.canonicalize``;
-3. ``eager/scores.py``: its maths in ``score_mods_`` (and in ``visible_keys`` if it hides keys),
-   which the reference, the CPU forward and the CPU backward all call;
-4. ``fused/kernels/common.py``: the same maths in ``score_mods``, behind a constexpr;
+1. here: a field of :class:`Features` (an ``int``, ``int | None``, ``float`` or ``bool``: the op
+   packing follows), its argument check in :func:`check_features`, and a :data:`FEATURES` entry
+   (when a call uses it, which backends serve and differentiate it: dispatch reads nothing else);
+2. ``interface.py`` and ``reference.py``: the keyword argument and its docstring sentence, and
+   ``problem.canonicalize``: passing it to :func:`check_features`;
+3. ``eager/scores.py``: its maths in ``score_mods_`` (and in ``key_bounds`` if it hides keys by
+   position: the PyTorch loops and the host's block lists read it), which the reference, the CPU
+   forward and the CPU backward all call;
+4. ``fused/kernels/common.py``: the same maths in ``_score_step``, behind a constexpr; every
+   kernel (forward, dQ, dK/dV in both orientations) computes its scores through it. A feature that
+   hides keys by position (a sliding window) also narrows the block loops: ``_key_block_bounds``
+   there and ``_query_block_bounds`` in ``kernels/backward.py``. Its scalar and constexpr are
+   named in the top-level kernels' signatures and passed, by keyword, to the two step calls of
+   each kernel (Triton has no structs; see the note in ``fused/plumbing.py``);
 5. ``fused/plumbing.py``: that constexpr and its scalars in ``feature_launch_args`` (the AOT
    tool types scalars from the values the launchers pass; floats must be annotated ``tl.float32``
-   in the kernel signature);
+   in the kernel signature, or the AOT refuses them);
 6. ``fused/aot.py``: one named variant in ``VARIANTS`` so its kernels are compiled ahead of time.
 
 Plus its tests: the reference against an independent formula, every backend against the reference.

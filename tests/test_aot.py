@@ -76,7 +76,7 @@ def test_large_offsets_variants_compile():
     """The 64-bit-offset kernels (LARGE_OFFSETS=True, planned for a KV view whose rows lie 2**21
     elements apart) compile and fit for every kernel; their spills are reported, not required to be 0
     (the tiles are chosen for the 32-bit path, which nearly every call takes)."""
-    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", "large-offsets")
+    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "128", "--variants", "large-offsets")
     assert {r["variant"].split(":")[0] for r in rows} >= {"large-offsets", "dkdv", "dq", "preprocess"}
 
 

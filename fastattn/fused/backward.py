@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..configs import BackwardConfig, TileConfig, backward_config, preprocess_block_m
+from ..configs import BackwardConfig, backward_config, preprocess_config
 from ..problem import Problem, lse_dtype
 from . import plumbing as pl
 from .block_lists import key_block_lists, mask_block_lists
@@ -60,7 +60,7 @@ def plan_backward(
         INPUT_PRECISION=target.input_precision(p.dtype),
     )
     sizes = dict(H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, **scalars, scale=scale, scale_lo=scale_lo)
-    pre_tile = TileConfig(preprocess_block_m(dims["HEAD_DIM_V"]), 0, 4, 1)
+    pre_tile = preprocess_config(dims["HEAD_DIM_V"])
     pre_flags = dict(
         HEAD_DIM_V=dims["HEAD_DIM_V"],
         BLOCK_M=pre_tile.block_m,

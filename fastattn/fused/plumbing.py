@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..configs import TileConfig
+from ..configs import TileConfig, padded_head_dim
 from ..problem import Problem
 
 LOG2E = 1.4426950408889634  # exp2 is one instruction: the kernels fold log2(e) into the scale
@@ -135,7 +135,12 @@ def dummy(p: Problem) -> torch.Tensor:
 
 
 def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object]]:
-    """(scalars, constexprs) of the call's features for every kernel with a score step."""
+    """(scalars, constexprs) of the call's features for every kernel with a score step.
+
+    Each kernel names them in its signature and passes them to its score step: Triton kernels take
+    no structs, so this is the one place a feature's launch arguments are spelled out on the host
+    (passing them as one tuple argument would remove the kernel-side naming too; not done yet: it
+    changes every kernel's signature and its compiled register allocation)."""
     f = p.features
     qk_scale, qk_scale_lo = split_scale(f.scale * LOG2E)
     mask_kind, _ = mask_operand(p)
@@ -146,8 +151,6 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
 
 def head_dim_constexprs(p: Problem) -> dict[str, object]:
     """The padded head dims and whether the real ones need checking."""
-    from ..configs import padded_head_dim
-
     head_dim, head_dim_v = padded_head_dim(p.head_dim), padded_head_dim(p.head_dim_v)
     return dict(
         HEAD_DIM=head_dim, HEAD_DIM_V=head_dim_v, CHECK_E=p.head_dim != head_dim, CHECK_EV=p.head_dim_v != head_dim_v

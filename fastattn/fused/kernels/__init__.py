@@ -1,5 +1,8 @@
 """Triton kernels: ``@triton.jit`` code only; nothing here imports from the layers above.
 
+forward.py holds the forward kernel, backward.py the three backward kernels; both import their
+shared pieces (tile loads and stores, the score step, loop bounds) from common.py.
+
 ``triton.jit`` fixes at decoration time whether kernels are compiled for a GPU or run by Triton's
 CPU interpreter, and triton's own library functions are fixed when triton is first imported: the
 ``TRITON_INTERPRET`` environment variable at that moment chooses one flavour per process.

@@ -12,18 +12,32 @@ into delta). Each output element is written by exactly one program, which sums i
 fixed order: no atomics, so results are bitwise identical from run to run. Grouped-query heads
 are summed inside the dK/dV program that owns the shared KV head (no repeated K/V).
 
-Scores are in log2 units (log2(e) folded into qk_scale) so each exponential is one exp2. lse,
-delta and the accumulators are float32, float64 for float64 inputs; a float64 scale arrives split in
-two float32 halves (qk_scale + qk_scale_lo, scale + scale_lo; see forward._scaled). Rows with
-lse = -inf (no key to attend to) get P = 0: their lse is read as +inf, so every exp2 underflows to
-0 and no (-inf) - (-inf) is ever formed. Edge handling uses the forward's constexpr flags
-(CHECK_M / CHECK_N / CHECK_E / CHECK_EV / IS_CAUSAL / MASK_KIND / LARGE_OFFSETS).
+Scores are in log2 units (log2(e) folded into qk_scale) so each exponential is one exp2, and come
+from the score step the forward uses (common._score_step). lse, delta and the accumulators are
+float32, float64 for float64 inputs; a float64 scale arrives split in two float32 halves
+(qk_scale + qk_scale_lo, scale + scale_lo; see common._scaled). Rows with lse = -inf (no key to
+attend to) get P = 0: their lse is read as +inf, so every exp2 underflows to 0 and no
+(-inf) - (-inf) is ever formed. Edge handling uses the forward's constexpr flags (common.py:
+CHECK_M / CHECK_N / CHECK_E / CHECK_EV / IS_CAUSAL / MASK_KIND / LARGE_OFFSETS). As in the forward,
+each kernel visits its blocks through one step call for full blocks (no mask tile, no causal check)
+and one for cut blocks (the kernel's MASK_KIND and IS_CAUSAL).
 """
 
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _load_tile, _scaled, mask_scores, scores_tile
+from .common import (
+    _block_start,
+    _key_block_bounds,
+    _key_block_scores,
+    _load_rows,
+    _load_tile,
+    _lse_log2,
+    _row_offsets,
+    _scaled,
+    _score_step,
+    _store_tile,
+)
 
 
 @triton.jit
@@ -37,7 +51,7 @@ def attention_backward_preprocess_kernel(
 ):
     """Delta (B, H, L) = rowsum(dO * O) [- dLse], float32 (float64 for float64 inputs).
 
-    grid: (cdiv(L, BLOCK_M), H, B)."""
+    grid: (cdiv(L, BLOCK_M), H, B). HAS_DLSE: the loss uses lse (DLse is read)."""
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -66,32 +80,17 @@ def attention_backward_preprocess_kernel(
 
 
 @triton.jit
-def _load_rows(ptrs, rows, n_rows, other, CHECK_ROWS: tl.constexpr):
-    if CHECK_ROWS:
-        x = tl.load(ptrs, mask=rows < n_rows, other=other)
-    else:
-        x = tl.load(ptrs)
-    return x
-
-
-@triton.jit
-def _lse_log2(Lse_row, rows, L, CHECK_M: tl.constexpr):
-    """lse in log2 units, with -inf (a row with no key) and rows past L read as +inf: P = 0 there."""
-    lse = _load_rows(Lse_row + rows, rows, L, float("inf"), CHECK_M)
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
-
-
-@triton.jit
 def _dkdv_query_block(
-    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
-    start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
-    stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
+    dk, dv, k, v, offs_n, start_m, offs_mb,
+    Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+    M_cols, stride_mm, stride_mn,
     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-    CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    KEY_MAJOR: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
-    """Fold query rows [start_m, start_m + BLOCK_M) of one query head into dK, dV of a key block.
+    """Fold query rows start_m + offs_mb of one query head into dK, dV of the key block at
+    positions offs_n (k, v: its tiles; M_cols: the mask at key offs_n[0]).
 
     Two orientations of the same products, chosen per config by what compiles without spills:
     - query-major (KEY_MAJOR False), as in the forward: qk = q k^T, then P and dS are transposed
@@ -100,13 +99,14 @@ def _dkdv_query_block(
     - key-major: qk^T = k q^T, keys along rows, so nothing is transposed but K and V are first
       operands, held in registers (some float32 configs compile smaller this way).
     Query rows past L have P = 0 (lse read as +inf); key rows past S are never stored.
+    offs_n and offs_mb come from the caller: ranges built inside the loop stay there and changed the
+    register allocation (forward._attend_kv_block).
     """
+    local_n = tl.arange(0, k.shape[0])
+    offs_dk = tl.arange(0, k.shape[1])
+    offs_dv = tl.arange(0, v.shape[1])
     rows = start_m + offs_mb
-    # 32-bit offsets unless the host says start_m * stride can pass 2**31 (as in the forward).
-    if LARGE_OFFSETS:
-        rows_q = rows.to(tl.int64)
-    else:
-        rows_q = rows
+    rows_q = _row_offsets(rows, LARGE_OFFSETS)
     q = _load_tile(Q_head + rows_q[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
                    rows, L, offs_dk, E, CHECK_M, CHECK_E)
     lse2 = _lse_log2(Lse_row, rows, L, CHECK_M)
@@ -115,9 +115,10 @@ def _dkdv_query_block(
     delta = _load_rows(Delta_row + rows, rows, L, 0.0, CHECK_M)
     if KEY_MAJOR:
         qkT = _scaled(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-        m_tile = M_cols + local_n[:, None] * stride_mn + rows_q[None, :] * stride_mm
-        qkT = mask_scores(qkT, m_tile, offs_n, S, rows, L, offs_n[:, None], rows[None, :], causal_offset,
-                          MASK_KIND, CHECK_N, CHECK_M, APPLY_CAUSAL)
+        qkT = _score_step(qkT, M_cols + local_n[:, None] * stride_mn + rows_q[None, :] * stride_mm,
+                          rows, offs_n, L, S, causal_offset,
+                          MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                          KEY_MAJOR=True)
         pT = tl.math.exp2(qkT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
@@ -125,15 +126,49 @@ def _dkdv_query_block(
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     else:
         qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-        m_tile = M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn
-        qk = mask_scores(qk, m_tile, rows, L, offs_n, S, offs_n[None, :], rows[:, None], causal_offset,
-                         MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL)
+        qk = _score_step(qk, M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn,
+                         rows, offs_n, L, S, causal_offset,
+                         MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                         KEY_MAJOR=False)
         p = tl.math.exp2(qk - lse2[:, None])
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _query_block_bounds(
+    Counts, n0, L, causal_offset,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FROM_LIST: tl.constexpr,
+):
+    """Loop bounds over the query blocks that see keys [n0, n0 + BLOCK_N): (full_lo, full_end,
+    cut_lo, cut_span), [full_lo, full_end) the blocks that need no masking and
+    [cut_lo, cut_lo + cut_span) the ones that do.
+
+    Ranges (no mask): query positions, a block every BLOCK_M; the cut blocks are the ones the
+    diagonal crosses, from the first row that sees key n0 to the first that sees the whole block.
+    Lists (FROM_LIST): positions in the host's list, a block every 1 (Counts[0] full, Counts[1] cut).
+    A span rather than an end for the cut blocks, as in common._key_block_bounds."""
+    if FROM_LIST:
+        full_lo = 0
+        full_end = tl.load(Counts)
+        cut_lo = full_end
+        cut_span = tl.load(Counts + 1)
+    else:
+        if IS_CAUSAL:
+            cut_lo = tl.maximum(n0 - causal_offset, 0)
+            # Rounded down as x - x % BLOCK_M, the form common._key_block_bounds explains.
+            cut_lo = cut_lo - cut_lo % BLOCK_M
+            full_lo = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - causal_offset, 0), L)
+            full_lo = full_lo + (BLOCK_M - full_lo % BLOCK_M) % BLOCK_M
+        else:
+            cut_lo = 0
+            full_lo = 0
+        cut_span = full_lo - cut_lo
+        full_end = L
+    return full_lo, full_end, cut_lo, cut_span
 
 
 @triton.jit
@@ -165,9 +200,21 @@ def attention_backward_dkdv_kernel(
     Without a mask: causal starts at the diagonal (query i sees key j when j <= i + causal_offset),
     blocks the diagonal cuts first, then the blocks below it with no causal check. With a mask the
     host lists per (b, query head, key block) the query blocks to visit: BlockCount[..., 0] that
-    need no masking, then BlockCount[..., 1] that do, their indices in BlockIndex.
+    need no masking, then BlockCount[..., 1] that do, their indices in BlockIndex. Full blocks drop
+    the mask tile and the causal check; every block keeps CHECK_M and CHECK_N (query rows past L get
+    P = 0, this program's key rows past S are never stored). Flags: common.py.
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM >= 16 and HEAD_DIM_V >= 16)
+    # One loop form for ranges and lists, as in the forward kernel (common._block_start).
+    FROM_LIST: tl.constexpr = MASK_KIND != 0
+    STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_M
+    # Without a mask or causality, every query block is full.
+    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL
+    # Ranges walk the query blocks upwards, so the diagonal's (cut) blocks come before the full ones;
+    # the host's lists put the full blocks first. Both orders are kept, since the order of the sums
+    # fixes the bits of dK and dV: a static_range over two phases picks it at compile time and
+    # leaves one step call per kind of block.
+    FULL_PHASE: tl.constexpr = 0 if FROM_LIST else 1
     start_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -196,50 +243,31 @@ def attention_backward_dkdv_kernel(
         Lse_row = Lse + (b * H + h) * L
         Delta_row = Delta + (b * H + h) * L
         M_cols = Mask + b * stride_mb + h * stride_mh + n0_64 * stride_mn
-        if MASK_KIND == 0:
-            if IS_CAUSAL:
-                # First query row that sees key n0, and first row that sees the whole key block.
-                lo = tl.maximum(n0 - causal_offset, 0)
-                lo = lo - lo % BLOCK_M
-                full_start = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - causal_offset, 0), L)
-                full_start = full_start + (BLOCK_M - full_start % BLOCK_M) % BLOCK_M
-                for start_m in range(lo, full_start, BLOCK_M):
+        Counts = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
+        Index = BlockIndex + b * stride_ib + h * stride_ih + start_n * stride_in
+        full_lo, full_end, cut_lo, cut_span = _query_block_bounds(
+            Counts, n0, L, causal_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FROM_LIST=FROM_LIST)
+        for phase in tl.static_range(2):
+            if phase == FULL_PHASE:
+                for j in range(full_lo, full_end, STEP):
                     dk, dv = _dkdv_query_block(
-                        dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
-                        start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
-                        stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
+                        dk, dv, k, v, offs_n, _block_start(j, Index, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST), offs_mb,
+                        Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+                        M_cols, stride_mm, stride_mn,
                         L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                        0, CHECK_M, CHECK_N, True, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
-            else:
-                full_start = 0
-            for start_m in range(full_start, L, BLOCK_M):
-                dk, dv = _dkdv_query_block(
-                    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
-                    start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
-        else:
-            count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
-            index_ptr = BlockIndex + b * stride_ib + h * stride_ih + start_n * stride_in
-            n_full = tl.load(count_ptr)
-            n_cut = tl.load(count_ptr + 1)
-            for i in range(0, n_full):
-                start_m = tl.load(index_ptr + i) * BLOCK_M
-                dk, dv = _dkdv_query_block(
-                    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
-                    start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    0, CHECK_M, CHECK_N, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
-            for i in range(n_full, n_full + n_cut):
-                start_m = tl.load(index_ptr + i) * BLOCK_M
-                dk, dv = _dkdv_query_block(
-                    dk, dv, k, v, Q_head, DO_head, Lse_row, Delta_row, M_cols,
-                    start_m, offs_n, local_n, offs_mb, offs_dk, offs_dv,
-                    stride_qm, stride_qk, stride_dom, stride_dok, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION, KEY_MAJOR)
+                        MASK_KIND=0, APPLY_CAUSAL=False,
+                        CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
+                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
+            elif HAS_CUT_BLOCKS:
+                for j in range(cut_lo, cut_lo + cut_span, STEP):
+                    dk, dv = _dkdv_query_block(
+                        dk, dv, k, v, offs_n, _block_start(j, Index, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST), offs_mb,
+                        Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+                        M_cols, stride_mm, stride_mn,
+                        L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
+                        MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL,
+                        CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
+                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
 
     dk = _scaled(dk, scale, scale_lo)
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + n0_64 * stride_dkn
@@ -251,38 +279,27 @@ def attention_backward_dkdv_kernel(
 
 
 @triton.jit
-def _store_tile(ptrs, x, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
-        else:
-            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
-    else:
-        if CHECK_COLS:
-            tl.store(ptrs, x, mask=cols[None, :] < n_cols)
-        else:
-            tl.store(ptrs, x)
-
-
-@triton.jit
 def _dq_key_block(
-    dq, q, do, lse2, delta, K_head, V_head, M_rows,
-    start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
-    stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+    dq, q, do, lse2, delta, offs_m, start_n, offs_n,
+    K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
     L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
-    CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr, LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Fold key positions [start_n, start_n + BLOCK_N) into dQ of a query block."""
-    cols = start_n + offs_nb
-    if LARGE_OFFSETS:
-        rows_kv = cols.to(tl.int64)[:, None]
-    else:
-        rows_kv = cols[:, None]
+    """Fold key positions start_n + offs_n into dQ of query rows offs_m (q, do, lse2, delta: their
+    tiles and rows). K_head / V_head: the KV head at position 0; M_rows: the mask at query row
+    offs_m[0], key 0. offs_n comes from the caller, as in forward._attend_kv_block."""
+    offs_dk = tl.arange(0, q.shape[1])
+    offs_dv = tl.arange(0, do.shape[1])
+    cols = start_n + offs_n
+    rows_kv = _row_offsets(cols, LARGE_OFFSETS)[:, None]
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
-    # CHECK_N: keys past S would add to every row of dQ; scores_tile sets them to -inf.
-    qk = scores_tile(q, k, M_rows, offs_m, local_m, cols, rows_kv, stride_mm, stride_mn, L, S,
-                     qk_scale, qk_scale_lo, causal_offset, MASK_KIND, CHECK_M, CHECK_N, APPLY_CAUSAL, INPUT_PRECISION)
+    # CHECK_N: keys past S would add to every row of dQ; _key_block_scores sets them to -inf.
+    qk = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
+                           qk_scale, qk_scale_lo, causal_offset,
+                           MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                           INPUT_PRECISION=INPUT_PRECISION)
     p = tl.math.exp2(qk - lse2[:, None])
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
@@ -312,11 +329,18 @@ def attention_backward_dq_kernel(
 ):
     """DQ (B, H, L, E) of one block of BLOCK_M query rows of one query head.
 
-    grid: (cdiv(L, BLOCK_M), H, B). Key blocks are visited as in the forward kernel: ranges
-    without a mask (blocks wholly left of the diagonal, then the ones it or the end of S cuts),
-    host-built lists (BlockCount, BlockIndex per (b, h, query block)) with one.
+    grid: (cdiv(L, BLOCK_M), H, B). Key blocks are visited as in the forward kernel
+    (common._key_block_bounds): ranges without a mask (blocks wholly left of the diagonal, then the
+    ones it or the end of S cuts), host-built lists (BlockCount, BlockIndex per (b, h, query block))
+    with one; full blocks by one step call without mask tile, causal check or CHECK_N, cut blocks by
+    one with the kernel's flags (common.py).
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM >= 16 and HEAD_DIM_V >= 16)
+    # One loop form for ranges and lists, as in the forward kernel (common._block_start).
+    FROM_LIST: tl.constexpr = MASK_KIND != 0
+    STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_N
+    # Without a mask, causality or a ragged S, every block is full.
+    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or CHECK_N
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -325,7 +349,7 @@ def attention_backward_dq_kernel(
     m0_64 = m0.to(tl.int64)
     local_m = tl.arange(0, BLOCK_M)
     offs_m = m0 + local_m
-    offs_nb = tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
 
@@ -340,54 +364,28 @@ def attention_backward_dq_kernel(
     K_head = K + b * stride_kb + kvh * stride_kh
     V_head = V + b * stride_vb + kvh * stride_vh
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
+    Counts = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
+    Index = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
+    full_end, cut_span = _key_block_bounds(Counts, m0, L, S, causal_offset,
+                                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FROM_LIST=FROM_LIST)
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=acc_ty)
 
-    if MASK_KIND == 0:
-        if IS_CAUSAL:
-            last_row = tl.minimum(m0 + BLOCK_M, L) - 1
-            hi = tl.minimum(S, last_row + causal_offset + 1)
-            full_end = tl.maximum(tl.minimum(S, m0 + causal_offset + 1), 0)
-        else:
-            hi = S
-            full_end = S
-        full_end = full_end - full_end % BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
+    for j in range(0, full_end, STEP):
+        dq = _dq_key_block(
+            dq, q, do, lse2, delta, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
+            K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
+            L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
+            MASK_KIND=0, APPLY_CAUSAL=False, CHECK_M=CHECK_M, CHECK_N=False,
+            CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
+    if HAS_CUT_BLOCKS:
+        for j in range(full_end, full_end + cut_span, STEP):
             dq = _dq_key_block(
-                dq, q, do, lse2, delta, K_head, V_head, M_rows,
-                start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
+                dq, q, do, lse2, delta, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
+                K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
-        if IS_CAUSAL or CHECK_N:
-            for start_n in range(full_end, hi, BLOCK_N):
-                dq = _dq_key_block(
-                    dq, q, do, lse2, delta, K_head, V_head, M_rows,
-                    start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
-                    stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                    0, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
-    else:
-        count_ptr = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
-        index_ptr = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
-        n_full = tl.load(count_ptr)
-        n_cut = tl.load(count_ptr + 1)
-        for i in range(0, n_full):
-            start_n = tl.load(index_ptr + i) * BLOCK_N
-            dq = _dq_key_block(
-                dq, q, do, lse2, delta, K_head, V_head, M_rows,
-                start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                0, CHECK_M, False, False, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
-        for i in range(n_full, n_full + n_cut):
-            start_n = tl.load(index_ptr + i) * BLOCK_N
-            dq = _dq_key_block(
-                dq, q, do, lse2, delta, K_head, V_head, M_rows,
-                start_n, offs_m, local_m, offs_nb, offs_dk, offs_dv,
-                stride_kn, stride_kk, stride_vn, stride_vk, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                MASK_KIND, CHECK_M, CHECK_N, IS_CAUSAL, CHECK_E, CHECK_EV, LARGE_OFFSETS, INPUT_PRECISION)
+                MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
 
     dq = _scaled(dq, scale, scale_lo)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m0_64 * stride_dqm
