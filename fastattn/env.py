@@ -12,7 +12,7 @@ import sys
 import torch
 
 import fastattn
-from fastattn.fused import triton_import_error
+from fastattn.fused import triton_import_error, triton_version
 
 
 def environment_lines() -> list[str]:
@@ -25,9 +25,7 @@ def environment_lines() -> list[str]:
     ]
     err = triton_import_error()
     if err is None:
-        import triton
-
-        lines.append(f"triton    {triton.__version__} (fastattn kernels: {_kernel_flavour()})")
+        lines.append(f"triton    {triton_version()} (fastattn kernels: {_kernel_flavour()})")
     else:
         lines.append(f"triton    not importable: {err}")
     try:

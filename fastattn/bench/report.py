@@ -29,7 +29,7 @@ import torch
 
 import fastattn
 from fastattn.env import cpu_name, environment_lines
-from fastattn.fused import triton_import_error
+from fastattn.fused import triton_version
 
 from .runner import Row, Settings
 from .sweep import DTYPE_NAMES, MODES
@@ -74,11 +74,7 @@ REASON_CHARS = 160  # a markdown cell's share of a long reason; CSV and JSON kee
 
 
 def _triton_version() -> str:
-    if triton_import_error() is not None:
-        return "not importable"
-    import triton
-
-    return triton.__version__
+    return triton_version() or "not importable"
 
 
 def device_name(device: str) -> str:

@@ -27,6 +27,15 @@ def triton_import_error() -> str | None:
     return None
 
 
+def triton_version() -> str | None:
+    """The installed triton's version, or None when it cannot be imported."""
+    if triton_import_error() is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
 def flavour_error(device_type: str) -> str | None:
     """Why this process's kernel flavour cannot run tensors on `device_type` (None when it can)."""
     err = triton_import_error()
