@@ -15,7 +15,7 @@ import torch
 
 from .. import configs
 from ..problem import Problem
-from .scores import score_mods_, visible_keys, visible_rows
+from .scores import grouped_mask, score_mods_, visible_keys, visible_rows
 
 
 def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -99,10 +99,7 @@ def tiled_attention_backward(
     q5 = p.q.reshape(B, Hkv, G, L, E).to(cdt)
     do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
     k, v = p.k.to(cdt), p.v.to(cdt)
-    mask5 = None
-    if p.mask is not None:
-        Bm, Hm, Lm, Sm = p.mask.shape
-        mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
+    mask5 = grouped_mask(p)
     # The row statistics and delta = rowsum(dO * O) are recomputed here (one more pass, like a
     # forward) rather than taken from the forward's lse and out: the forward may come from SDPA's
     # CPU kernel or the log2-unit tiled path, whose scores round differently, and lse ~ 1e3 in

@@ -19,7 +19,7 @@ import torch
 
 from .. import configs
 from ..problem import Problem, lse_dtype
-from .scores import LN2, LOG2E, score_mods_, visible_keys
+from .scores import LN2, LOG2E, grouped_mask, score_mods_, visible_keys
 
 MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
 
@@ -135,10 +135,7 @@ def tiled_attention(
     q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
     lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
-    mask5 = None
-    if p.mask is not None:
-        Bm, Hm, Lm, Sm = p.mask.shape
-        mask5 = p.mask.reshape(Bm, Hkv, G, Lm, Sm) if Hm == Hq else p.mask.reshape(Bm, 1, 1, Lm, Sm)
+    mask5 = grouped_mask(p)
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start

@@ -18,6 +18,15 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+def grouped_mask(p) -> torch.Tensor | None:
+    """The problem's mask as (Bm, Hkv or 1, G or 1, Lm, Sm), a view matching the (B, Hkv, G, rows,
+    cols) score tiles of the tiled paths (query heads grouped by their KV head); None without one."""
+    if p.mask is None:
+        return None
+    Bm, Hm, Lm, Sm = p.mask.shape
+    return p.mask.reshape(Bm, p.heads_kv, p.group, Lm, Sm) if Hm == p.heads_q else p.mask.reshape(Bm, 1, 1, Lm, Sm)
+
+
 def causal_keep(rows: torch.Tensor, cols: torch.Tensor, offset: int) -> torch.Tensor:
     """(len(rows), len(cols)) bool: query i sees key j when j <= i + offset (0 top-left, S - L bottom-right)."""
     return cols[None, :] <= rows[:, None] + offset

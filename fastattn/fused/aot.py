@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..configs import BackwardConfig, TileConfig, backward_config, forward_config, padded_head_dim
+from ..configs import BackwardConfig, TileConfig, backward_config, padded_head_dim
 from ..problem import canonicalize
 from . import plumbing as pl
 
@@ -106,12 +106,11 @@ def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch:
     p = variant_problem(variant, dtype, head_dim, head_dim_v)
     # TF32 allowed: fp32 kernels compiled with input_precision="tf32".
     target = pl.Target((arch // 10, arch % 10), allow_tf32=True)
-    args = (head_dim, head_dim_v, dtype, target.capability)
     out = torch.empty(*p.q.shape[:-1], p.head_dim_v, device="meta", dtype=dtype)
     lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
     if kernel == "forward":
-        return plan_forward(p, out, lse, tile or forward_config(*args, masked=p.mask is not None), target)[0]
-    config = backward_config(*args, masked=p.mask is not None)
+        return plan_forward(p, out, lse, tile, target)[0]  # tile None: the launcher's own config
+    config = backward_config(head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None)
     if tile is not None:
         config = BackwardConfig(tile, config.dq) if kernel == "dkdv" else BackwardConfig(config.dkdv, tile)
     grads = tuple(torch.empty_like(t) for t in (p.q, p.k, p.v))
