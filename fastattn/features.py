@@ -53,13 +53,21 @@ import torch
 class Features:
     """Scalar properties of one call, after checking (see :func:`check_features`).
 
-    scale: multiplies Q K^T. causal_offset: None, or d such that query i sees key j only when
-    j <= i + d (0: SDPA's top-left is_causal, S - L: bottom-right). dropout_p: the probability of
-    dropping an attention weight (declared; no backend serves it yet).
+    scale: multiplies Q K^T.
+    causal_offset: None, or d such that query i sees key j only when j <= i + d: the upper edge of
+        the visible band (0: SDPA's top-left is_causal, S - L: bottom-right; a window's right edge
+        S - L + right, intersected with the causal one, lands here too).
+    window_lo: None, or w such that query i sees key j only when j >= i + w: the lower edge, from
+        a sliding window's left size (w = S - L - left). None where it would hide nothing.
+    softcap: 0.0, or c > 0: each scaled score s becomes c * tanh(s / c) before bias and mask.
+    dropout_p: the probability of dropping an attention weight (declared; no backend serves it yet).
+    The ALiBi slopes are a tensor: they travel beside the mask (``Problem.alibi``), not here.
     """
 
     scale: float
     causal_offset: int | None = None
+    window_lo: int | None = None
+    softcap: float = 0.0
     dropout_p: float = 0.0
 
     def pack(self) -> tuple[list[int], list[float]]:
@@ -109,8 +117,52 @@ def _field_kinds() -> dict[str, str]:
 _FIELD_KINDS = _field_kinds()
 
 
-def check_features(*, scale: float | None, head_dim: int, causal_offset: int | None, dropout_p: float) -> Features:
-    """Check the public arguments that become :class:`Features` (TypeError / ValueError name them)."""
+def _check_window(window_size) -> tuple[int, int]:
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size {side} must be an int (-1 for unbounded), got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be >= -1 (-1: unbounded), got {w}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def _check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not (0.0 <= softcap < math.inf):  # also refuses NaN (comparisons only: dynamo traces them)
+        raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")
+    return float(softcap)
+
+
+def window_bounds(window_size: tuple[int, int], L: int, S: int) -> tuple[int | None, int | None]:
+    """(lower, upper) diagonal offsets of FlashAttention's window (left, right) for L queries and S
+    keys: query i sees key j when i + S - L - left <= j <= i + S - L + right (bottom-right aligned;
+    -1 unbounded). A side that hides no key of the (L, S) matrix gives None."""
+    left, right = window_size
+    lower = upper = None
+    if left >= 0 and S - L - left > 1 - L:  # some j < i + lower exists: 0 <= j < L - 1 + lower
+        lower = S - L - left
+    if right >= 0 and S - L + right < S - 1:  # some j > i + upper exists
+        upper = S - L + right
+    return lower, upper
+
+
+def check_features(
+    *,
+    scale: float | None,
+    head_dim: int,
+    causal_offset: int | None,
+    dropout_p: float,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    seqlens: tuple[int, int] = (0, 0),
+) -> Features:
+    """Check the public arguments that become :class:`Features` (TypeError / ValueError name them).
+
+    seqlens: (L, S), which place the window's diagonals; its right edge is intersected with the
+    causal one (`causal_offset`, from is_causal or a CausalBias)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not (0.0 <= dropout_p < 1.0):
@@ -120,9 +172,14 @@ def check_features(*, scale: float | None, head_dim: int, causal_offset: int | N
             raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale}")
+    window_lo, window_hi = window_bounds(_check_window(window_size), *seqlens)
+    if window_hi is not None:
+        causal_offset = window_hi if causal_offset is None else min(causal_offset, window_hi)
     return Features(
         scale=float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
         causal_offset=causal_offset,
+        window_lo=window_lo,
+        softcap=_check_softcap(softcap),
         dropout_p=float(dropout_p),
     )
 
@@ -160,6 +217,14 @@ FEATURES: dict[str, Feature] = {
         ALL_BACKENDS,
         frozenset({"cpu", "reference"}),
     ),
+    "sliding window": Feature(
+        "a sliding window's left edge (window_size[0] >= 0)",
+        lambda p: p.features.window_lo is not None,
+        ALL_BACKENDS,
+        ALL_BACKENDS,
+    ),
+    "softcap": Feature("logit softcapping (softcap > 0)", lambda p: p.features.softcap > 0.0, ALL_BACKENDS, ALL_BACKENDS),
+    "alibi": Feature("ALiBi slopes", lambda p: p.alibi is not None, ALL_BACKENDS, ALL_BACKENDS),
     "dropout": Feature(
         "dropout_p > 0 (not implemented yet in fastattn; pass dropout_p=0.0)",
         lambda p: p.features.dropout_p > 0.0,

@@ -19,10 +19,14 @@ def attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
-    """Exact attention, softmax(Q K^T * scale + mask) V, with SDPA's arguments.
+    """Exact attention, softmax(Q K^T * scale + mask) V, with SDPA's arguments and FlashAttention's
+    score modifiers (sliding window, softcap, ALiBi).
 
     Shapes (the leading batch dims "..." are any SDPA accepts, including none):
         query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
@@ -46,8 +50,34 @@ def attention(
         scale: multiplies Q K^T; default 1/sqrt(E).
         enable_gqa: allow Hq != Hkv when Hq is a multiple of Hkv: query head h reads KV head
             h // (Hq // Hkv) (SDPA's grouping). K and V are never repeated in memory.
+
+    Score modifiers (keyword-only; FlashAttention's names and definitions):
+        window_size: (left, right), each an int >= -1 (-1: unbounded on that side). Query i sees
+            key j only when i + S - L - left <= j <= i + S - L + right: the band is aligned to
+            the bottom-right corner, like FlashAttention's. (-1, 0) is bottom-right causal;
+            (w - 1, 0) is a causal window of w keys ending at the query's own position (Mistral's
+            ``sliding_window = w``). The cost grows with L * window, not L * S: key blocks outside
+            the band are never visited. For L=3, S=5::
+
+                window_size=(2, 1)          window_size=(2, 1) and is_causal=True (top-left)
+                1 1 1 1 0                   1 0 0 0 0
+                0 1 1 1 1                   0 1 0 0 0
+                0 0 1 1 1                   0 0 1 0 0
+
+            Every mask that applies is intersected: with is_causal=True (SDPA's top-left
+            alignment) and L != S the two diagonals differ, as drawn; pass window_size=(w - 1, 0)
+            without is_causal for a bottom-right causal window.
+        softcap: 0.0 (off) or c > 0: each scaled score s becomes c * tanh(s / c) (Gemma 2's
+            ``attn_logit_softcapping``). Finite; differentiable through (the chain rule is exact).
+        alibi_slopes: None, or a float32 tensor of shape (Hq,) or (..., Hq) (the batch dims
+            first) on the query's device: head h adds -slope[h] * |i + S - L - j| to its scores
+            (FlashAttention's ALiBi). Not differentiable: a slopes tensor that requires grad raises.
+
+        The order, the same on every backend: s = scale * q . k -> softcap -> + ALiBi bias ->
+        + float mask (or -inf where a bool mask is False) -> -inf outside causal (is_causal or
+        CausalBias) and outside the window -> softmax. return_lse gives the lse of exactly these.
         return_lse: also return lse (..., Hq, L), float32 (float64 for float64 inputs), the
-            natural-log logsumexp of each row's scaled, masked scores.
+            natural-log logsumexp of each row's scores, after every modifier above.
         backend: "auto" (CUDA tensors -> "triton", falling back to "cpu" where Triton cannot
             serve; CPU tensors -> "cpu"), "triton" (the fused kernel; CPU tensors run it through
             Triton's interpreter: slow, for tests and debugging), "cpu" (the PyTorch fallback:
@@ -60,7 +90,8 @@ def attention(
     input dtype. float32 matmuls on CUDA use TF32 only when
     ``torch.backends.cuda.matmul.allow_tf32`` is True, as in the rest of PyTorch.
 
-    Rows with nothing to attend to (every key masked out, or S = 0) give output 0 and lse = -inf,
+    Rows with nothing to attend to (every key masked out or outside the window, or S = 0) give
+    output 0 and lse = -inf,
     never NaN. SDPA's math backend also gives 0 there, but some of its fused backends give NaN
     (and its CPU kernel reports lse = 0).
 
@@ -75,9 +106,22 @@ def attention(
     torch.compile traces the call without graph breaks.
 
     Raises TypeError / ValueError naming the argument for bad input (ranks, batch dims, head
-    counts, head dims, dtypes, devices, mask shape or dtype, dropout_p).
+    counts, head dims, dtypes, devices, mask shape or dtype, dropout_p, window_size, softcap,
+    alibi_slopes' shape, dtype or device).
     """
-    p = canonicalize(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = canonicalize(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     chosen = choose_backend(backend, p)

@@ -33,7 +33,8 @@ class Problem:
     q: (B, Hq, L, E), k: (B, Hkv, S, E), v: (B, Hkv, S, Ev). Query head h reads KV head
     h // (Hq // Hkv). mask: None or a 4-D bool or float tensor whose every dim is 1 or the full
     size of (B, Hq, L, S); never expanded in memory. features: the scale, the causal offset and
-    every other scalar property of the call (:class:`fastattn.features.Features`).
+    every other scalar property of the call (:class:`fastattn.features.Features`). alibi: None or
+    the ALiBi slopes, float32 (1 or B, Hq): head h of batch b adds -alibi[b, h] * |i + S - L - j|.
     batch_shape / squeeze_heads: how :meth:`restore` gives results the caller's shape.
     """
 
@@ -42,6 +43,7 @@ class Problem:
     v: torch.Tensor
     mask: torch.Tensor | None
     features: Features
+    alibi: torch.Tensor | None = None
     batch_shape: tuple[int, ...] = ()
     squeeze_heads: bool = False  # the caller passed 2-D (L, E) tensors without a head dim
 
@@ -144,6 +146,27 @@ def _normalize_mask(mask: torch.Tensor, q: torch.Tensor, batch_shape, Hq: int, L
     return mask.expand(*batch_shape, *head_shape).reshape(B, *head_shape)
 
 
+def _check_alibi(alibi_slopes, query: torch.Tensor, batch_shape, Hq: int) -> torch.Tensor | None:
+    """ALiBi slopes as a float32 (1 or B, Hq) view; accepted shapes (Hq,) and (*batch dims, Hq)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != query.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but query is on {query.device}")
+    if alibi_slopes.requires_grad:
+        raise ValueError("alibi_slopes is not differentiable in fastattn; pass alibi_slopes.detach()")
+    shape = tuple(alibi_slopes.shape)
+    if shape == (Hq,):
+        return alibi_slopes.reshape(1, Hq)
+    if shape == (*batch_shape, Hq) and batch_shape:
+        return alibi_slopes.reshape(math.prod(batch_shape), Hq)
+    expected = f"({Hq},)" + (f" or {(*batch_shape, Hq)}" if batch_shape else "")
+    raise ValueError(f"alibi_slopes must have shape {expected} (query heads, optionally batch first), got {shape}")
+
+
 def canonicalize(
     query,
     key,
@@ -153,8 +176,13 @@ def canonicalize(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    *,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> Problem:
-    """Check SDPA-style arguments and return their :class:`Problem`. Raises TypeError/ValueError."""
+    """Check SDPA-style arguments (and fastattn's keyword-only modifiers) and return their
+    :class:`Problem`. Raises TypeError/ValueError naming the argument."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
     if not (query.dim() == key.dim() == value.dim()):
@@ -229,8 +257,26 @@ def canonicalize(
     q = query.reshape(B, Hq, L, E)
     k = key.reshape(B, Hkv, S, E)
     v = value.reshape(B, Hkv, S, Ev)
-    features = check_features(scale=scale, head_dim=E, causal_offset=causal_offset, dropout_p=dropout_p)
-    return Problem(q=q, k=k, v=v, mask=mask, features=features, batch_shape=batch_shape, squeeze_heads=squeeze_heads)
+    features = check_features(
+        scale=scale,
+        head_dim=E,
+        causal_offset=causal_offset,
+        dropout_p=dropout_p,
+        window_size=window_size,
+        softcap=softcap,
+        seqlens=(L, S),
+    )
+    alibi = _check_alibi(alibi_slopes, query, batch_shape, Hq)
+    return Problem(
+        q=q,
+        k=k,
+        v=v,
+        mask=mask,
+        features=features,
+        alibi=alibi,
+        batch_shape=batch_shape,
+        squeeze_heads=squeeze_heads,
+    )
 
 
 def empty_result(p: Problem) -> tuple[torch.Tensor, torch.Tensor] | None:

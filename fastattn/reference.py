@@ -26,7 +26,9 @@ def problem_scores(p: Problem, dtype: torch.dtype) -> torch.Tensor:
         k = k.repeat_interleave(p.group, dim=1)
     s = torch.matmul(q, k.transpose(-2, -1)) * p.features.scale
     mask = None if p.mask is None else p.mask if p.mask.dtype == torch.bool else p.mask.to(dtype)
-    return scores.score_mods_(s, p.features, mask, 0, p.seqlen_q, 0, p.seqlen_k)
+    return scores.score_mods_(
+        s, p.features, mask, 0, p.seqlen_q, 0, p.seqlen_k, alibi=p.alibi, seqlens=(p.seqlen_q, p.seqlen_k)
+    )
 
 
 def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weights: bool = False):
@@ -65,13 +67,17 @@ def attention(
     scale: float | None = None,
     enable_gqa: bool = False,
     *,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
     upcast: bool = False,
 ):
     """softmax(Q K^T * scale + mask) V, computed literally from the full score matrix.
 
-    Arguments and their meaning are those of :func:`fastattn.attention` (and of SDPA).
+    Arguments and their meaning are those of :func:`fastattn.attention` (SDPA's, plus the
+    keyword-only window_size, softcap and alibi_slopes, applied in the order written there).
 
     upcast: False computes in the inputs' dtype (the low-precision baseline the error-ratio tests
         compare against); True computes and returns everything in float64 (the oracle).
@@ -82,7 +88,19 @@ def attention(
 
     Returns out, or a tuple (out, lse), (out, weights) or (out, lse, weights) in that order.
     """
-    p = canonicalize(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    p = canonicalize(
+        query,
+        key,
+        value,
+        attn_mask,
+        dropout_p,
+        is_causal,
+        scale,
+        enable_gqa,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
     choose_backend("reference", p)  # refuses what the reference does not implement (dropout)
     out, lse, weights = problem_attention(p, torch.float64 if upcast else None, return_weights=True)
     out, lse = p.restore(out, lse)

@@ -157,11 +157,12 @@ def test_opcheck_both_ops():
     q = torch.randn(2, 4, 9, 16)
     k, v = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
     mask = torch.randn(2, 1, 9, 13)
-    ints, floats = Features(0.25, causal_offset=0).pack()
-    args = (q, k, v, mask, ints, floats, "cpu")
+    alibi = torch.rand(1, 4)
+    ints, floats = Features(0.25, causal_offset=0, window_lo=-3, softcap=5.0).pack()
+    args = (q, k, v, mask, alibi, ints, floats, "cpu")
     torch.library.opcheck(attention_forward, args)
     out, lse = attention_forward(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, ints, floats, "cpu", True)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, alibi, ints, floats, "cpu", True)
     torch.library.opcheck(attention_backward, bargs)
 
 

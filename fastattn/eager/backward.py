@@ -15,7 +15,7 @@ import torch
 
 from .. import configs
 from ..problem import Problem
-from .scores import grouped_mask, score_mods_, visible_keys, visible_rows
+from .scores import grouped_alibi, grouped_mask, score_mods_, visible_keys, visible_rows
 
 
 def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -24,14 +24,20 @@ def _reduce_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _scores(p: Problem, qb, kb, mask5, m0: int, m1: int, n0: int, n1: int) -> torch.Tensor:
-    """Scaled, masked scores (B, Hkv, G * bm, bn) of query rows [m0, m1) and keys [n0, n1)."""
+def _scores(p: Problem, qb, kb, mask5, alibi5, m0: int, m1: int, n0: int, n1: int, softcap_grad: bool = False):
+    """Scaled, masked scores (B, Hkv, G * bm, bn) of query rows [m0, m1) and keys [n0, n1); with
+    softcap_grad, (scores, d capped / d raw of the same shape, or None without a softcap)."""
     s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(p.features.scale)
-    score_mods_(s.view(p.batch, p.heads_kv, p.group, m1 - m0, n1 - n0), p.features, mask5, m0, m1, n0, n1)
-    return s
+    tile = s.view(p.batch, p.heads_kv, p.group, m1 - m0, n1 - n0)
+    seqlens = (p.seqlen_q, p.seqlen_k)
+    out = score_mods_(tile, p.features, mask5, m0, m1, n0, n1, alibi=alibi5, seqlens=seqlens, softcap_grad=softcap_grad)
+    if not softcap_grad:
+        return s
+    grad = out[1]
+    return s, None if grad is None else grad.view(s.shape)
 
 
-def _row_stats(p: Problem, q5, k, v, do5, mask5, block_m: int, block_n: int):
+def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: int):
     """Row statistics of the scores, computed exactly as the backward computes them.
 
     Returns (B, Hkv, G, L) tensors: the row max, 1 / sum of exp(S - max) (so P = exp(S - max) / sum),
@@ -52,7 +58,7 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, block_m: int, block_n: int):
         lo, hi = visible_keys(p.features, m0, m1, p.seqlen_k)
         for n0 in range(lo, hi, block_n):
             n1 = min(n0 + block_n, hi)
-            s = _scores(p, qb, k[:, :, n0:n1], mask5, m0, m1, n0, n1)
+            s = _scores(p, qb, k[:, :, n0:n1], mask5, alibi5, m0, m1, n0, n1)
             m_new = torch.maximum(m_i, s.amax(dim=-1))
             m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
             alpha = (m_i - m_safe).exp_()
@@ -100,6 +106,7 @@ def tiled_attention_backward(
     do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
     k, v = p.k.to(cdt), p.v.to(cdt)
     mask5 = grouped_mask(p)
+    alibi5 = grouped_alibi(p)
     # The row statistics and delta = rowsum(dO * O) are recomputed here (one more pass, like a
     # forward) rather than taken from the forward's lse and out: the forward may come from SDPA's
     # CPU kernel or the log2-unit tiled path, whose scores round differently, and lse ~ 1e3 in
@@ -107,7 +114,7 @@ def tiled_attention_backward(
     # made the gradients up to 25x less accurate than PyTorch's own (measured); with P and delta
     # from the same scores, the rows of dS sum to zero as softmax's backward needs. The saved
     # out and lse are not needed.
-    row_max, inv_sum, delta5 = _row_stats(p, q5, k, v, do5, mask5, block_m, block_n)
+    row_max, inv_sum, delta5 = _row_stats(p, q5, k, v, do5, mask5, alibi5, block_m, block_n)
     if dlse is not None:
         delta5 = delta5 - dlse.reshape(B, Hkv, G, L).to(cdt)
     dmask = torch.zeros(p.mask.shape, dtype=cdt, device=p.device) if mask_grad else None
@@ -121,24 +128,27 @@ def tiled_attention_backward(
         kb, vb = k[:, :, n0:n1], v[:, :, n0:n1]
         dk_acc = torch.zeros(B, Hkv, bn, E, dtype=cdt, device=p.device)
         dv_acc = torch.zeros(B, Hkv, bn, Ev, dtype=cdt, device=p.device)
-        # Query rows that see none of this block's keys (above its causal diagonal) are skipped.
+        # Query rows that see none of this block's keys (above its causal diagonal, below its
+        # window) are skipped.
         first_row, last_row = visible_rows(p.features, n0, n1, L)
         for m0 in range(first_row - first_row % block_m, last_row, block_m):
             m1 = min(m0 + block_m, L)
             bm = m1 - m0
             qb = q5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, E)
             dob = do5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, Ev)
-            s = _scores(p, qb, kb, mask5, m0, m1, n0, n1)
+            s, cap_grad = _scores(p, qb, kb, mask5, alibi5, m0, m1, n0, n1, softcap_grad=True)
             prob = s.sub_(row_max[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).exp_()
             prob.mul_(inv_sum[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1))
             dv_acc.add_(torch.matmul(prob.transpose(-1, -2), dob))
             ds = torch.matmul(dob, vb.transpose(-1, -2))
             ds.sub_(delta5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).mul_(prob)
-            if dmask is not None:
+            if dmask is not None:  # the mask is added after the softcap: its gradient is dS itself
                 ds_h = ds.view(B, Hq, bm, bn)
                 rows_sel = slice(m0, m1) if dmask.shape[2] > 1 else slice(None)
                 cols_sel = slice(n0, n1) if dmask.shape[3] > 1 else slice(None)
                 dmask[:, :, rows_sel, cols_sel] += _reduce_to(ds_h, dmask.shape)
+            if cap_grad is not None:  # the chain rule through c * tanh(s / c)
+                ds.mul_(cap_grad)
             dq[:, :, :, m0:m1] += torch.matmul(ds, kb).view(B, Hkv, G, bm, E)
             dk_acc.add_(torch.matmul(ds.transpose(-1, -2), qb))
         dk[:, :, n0:n1] = dk_acc.mul_(scale)

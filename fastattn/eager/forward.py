@@ -19,7 +19,7 @@ import torch
 
 from .. import configs
 from ..problem import Problem, lse_dtype
-from .scores import LN2, LOG2E, grouped_mask, score_mods_, visible_keys
+from .scores import LN2, LOG2E, grouped_alibi, grouped_mask, score_mods_, visible_keys
 
 MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
 
@@ -42,10 +42,17 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
         reasons.append("this torch has no CPU flash-attention op")
     if p.head_dim != p.head_dim_v:
         reasons.append("E != Ev")
-    if p.features.causal_offset not in (None, 0):
-        reasons.append("bottom-right causal alignment with L != S")
-    if p.features.causal_offset is not None and p.mask is not None:
+    f = p.features
+    if f.causal_offset not in (None, 0):
+        reasons.append("a causal diagonal other than top-left (bottom-right with L != S, or a window's right edge)")
+    if f.causal_offset is not None and p.mask is not None:
         reasons.append("causal and a mask together")
+    if f.window_lo is not None:
+        reasons.append("a sliding window (SDPA would need a materialised (L, S) mask)")
+    if f.softcap > 0.0:
+        reasons.append("a softcap")
+    if p.alibi is not None:
+        reasons.append("ALiBi slopes")
     return reasons
 
 
@@ -136,6 +143,7 @@ def tiled_attention(
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
     lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
     mask5 = grouped_mask(p)
+    alibi5 = grouped_alibi(p)
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
@@ -146,11 +154,13 @@ def tiled_attention(
         mask_c = None
         if mask5 is not None:
             mask_c = mask5[bs if mask5.shape[0] > 1 else slice(None), hs if mask5.shape[1] > 1 else slice(None)]
+        alibi_c = None if alibi5 is None else alibi5[bs if alibi5.shape[0] > 1 else slice(None), hs]
         for m0 in range(0, L, block_m):
             m1 = min(m0 + block_m, L)
             bm = m1 - m0
             rows = G * bm
-            # Keys no row of this block can see (past the causal diagonal) are never visited.
+            # Keys no row of this block can see (outside the causal diagonal and the window) are
+            # never visited: a sliding window costs L * window, not L * S.
             lo, hi = visible_keys(p.features, m0, m1, S)
             qb = torch.empty(nb, nh, G, bm, E, dtype=cdt, device=dev)
             qb.copy_(q5[bs, hs, :, m0:m1]).mul_(qk_scale)
@@ -162,7 +172,10 @@ def tiled_attention(
                 n1 = min(n0 + block_n, hi)
                 bn = n1 - n0
                 s = torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2))
-                score_mods_(s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1, log2_units=True)
+                score_mods_(
+                    s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1,
+                    log2_units=True, alibi=alibi_c, seqlens=(L, S),
+                )  # fmt: skip
                 m_new = torch.maximum(m_i, s.amax(dim=-1))
                 # Guard (-inf) - (-inf) for rows that have seen no key yet.
                 m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)

@@ -4,6 +4,10 @@ The reference (one tile: the whole (L, S) matrix), the CPU forward and the CPU b
 query rows [m0, m1) against keys [n0, n1)) all call :func:`score_mods_` on scores already scaled,
 and skip the key blocks :func:`visible_keys` / :func:`visible_rows` say no row can see. The Triton
 kernels have the same step in ``fused/kernels/common.py``.
+
+The order, for every backend: s = scale * q . k, then the softcap (c * tanh(s / c)), then + the
+ALiBi bias (-slope * |i + S - L - j|), then + the float mask (or -inf where a bool mask is False),
+then -inf outside the band of visible keys: i + window_lo <= j <= i + causal_offset.
 """
 
 from __future__ import annotations
@@ -27,42 +31,61 @@ def grouped_mask(p) -> torch.Tensor | None:
     return p.mask.reshape(Bm, p.heads_kv, p.group, Lm, Sm) if Hm == p.heads_q else p.mask.reshape(Bm, 1, 1, Lm, Sm)
 
 
+def grouped_alibi(p) -> torch.Tensor | None:
+    """The problem's ALiBi slopes as (1 or B, Hkv, G), matching the tiled paths' (B, Hkv, G) score
+    tiles; None without them."""
+    return None if p.alibi is None else p.alibi.reshape(p.alibi.shape[0], p.heads_kv, p.group)
+
+
 def causal_keep(rows: torch.Tensor, cols: torch.Tensor, offset: int) -> torch.Tensor:
     """(len(rows), len(cols)) bool: query i sees key j when j <= i + offset (0 top-left, S - L bottom-right)."""
     return cols[None, :] <= rows[:, None] + offset
 
 
 def hides_keys_by_position(f: Features) -> bool:
-    """Do the features hide keys by their position alone (the causal diagonal)?"""
-    return f.causal_offset is not None
-
-
-def key_bounds(f: Features, first_row, last_row, S: int):
-    """Which keys the query rows first_row..last_row (inclusive) see: (lo, hi, full_lo, full_hi),
-    keys [lo, hi) seen by at least one row, keys [full_lo, full_hi) by every row (no element check
-    needed there). Rows may be ints or integer tensors (the host's block classes pass block starts
-    and ends), so the block-level and element-level rules are this one definition."""
-    if not hides_keys_by_position(f):
-        return 0, S, 0, S
-    off = f.causal_offset
-    return 0, _clamp(last_row + off + 1, 0, S), 0, _clamp(first_row + off + 1, 0, S)
+    """Do the features hide keys by their position alone (the causal diagonal, a window)?"""
+    return f.causal_offset is not None or f.window_lo is not None
 
 
 def _clamp(x, lo: int, hi: int):
     return x.clamp(lo, hi) if isinstance(x, torch.Tensor) else max(lo, min(hi, x))
 
 
+def key_bounds(f: Features, first_row, last_row, S: int):
+    """Which keys the query rows first_row..last_row (inclusive) see: (lo, hi, full_lo, full_hi),
+    keys [lo, hi) seen by at least one row, keys [full_lo, full_hi) by every row (no element check
+    needed there; empty when full_lo >= full_hi). Rows may be ints or integer tensors (the host's
+    block classes pass block starts and ends), so the block-level and element-level rules are this
+    one definition."""
+    lo = full_lo = 0
+    hi = full_hi = S
+    if f.causal_offset is not None:
+        hi = _clamp(last_row + f.causal_offset + 1, 0, S)
+        full_hi = _clamp(first_row + f.causal_offset + 1, 0, S)
+    if f.window_lo is not None:
+        lo = _clamp(first_row + f.window_lo, 0, S)
+        full_lo = _clamp(last_row + f.window_lo, 0, S)
+    return lo, hi, full_lo, full_hi
+
+
 def visible_keys(f: Features, m0: int, m1: int, S: int) -> tuple[int, int]:
     """[lo, hi): the keys that at least one query row in [m0, m1) can see; the others need no visit."""
     lo, hi, _, _ = key_bounds(f, m0, m1 - 1, S)
-    return lo, hi
+    return lo, max(lo, hi)
 
 
 def visible_rows(f: Features, n0: int, n1: int, L: int) -> tuple[int, int]:
     """[lo, hi): the query rows that can see at least one key in [n0, n1); the others need no visit."""
-    if f.causal_offset is None:
-        return 0, L
-    return min(L, max(0, n0 - f.causal_offset)), L
+    lo, hi = 0, L
+    if f.causal_offset is not None:  # j <= i + causal_offset for some j < n1: i >= n0 - offset
+        lo = _clamp(n0 - f.causal_offset, 0, L)
+    if f.window_lo is not None:  # j >= i + window_lo for some j <= n1 - 1
+        hi = _clamp(n1 - f.window_lo, 0, L)
+    return lo, max(lo, hi)
+
+
+def _positions(m0: int, m1: int, n0: int, n1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(m0, m1, device=device)[:, None], torch.arange(n0, n1, device=device)[None, :]
 
 
 def score_mods_(
@@ -74,16 +97,37 @@ def score_mods_(
     n0: int,
     n1: int,
     log2_units: bool = False,
-) -> torch.Tensor:
+    alibi: torch.Tensor | None = None,
+    seqlens: tuple[int, int] | None = None,
+    softcap_grad: bool = False,
+):
     """Apply, in place, the modifiers of the scores s (..., m1 - m0, n1 - n0) of query rows [m0, m1)
-    against keys [n0, n1), and return s.
+    against keys [n0, n1), and return s (with softcap_grad: (s, g), below).
 
     s holds scale * q . k (times log2(e) when log2_units: the tiled forward works in log2 units
-    so that each exponential is one exp2). In order: the mask (bool: -inf where False; float:
-    added, in s's units), then the causal diagonal (-inf where key j > query i + causal_offset).
-    mask: None, or a tensor whose leading dims broadcast against s's and whose last two dims are
-    1 or the problem's full L and S (it is sliced to the tile here).
+    so that each exponential is one exp2; every modifier is applied in s's units). In order:
+    1. the softcap c (f.softcap > 0): s = c * tanh(s / c);
+    2. ALiBi: alibi (slopes whose shape broadcasts against s.shape[:-2]) adds
+       -slope * |i + S - L - j|, with seqlens = (L, S) the problem's lengths;
+    3. the mask (bool: -inf where False; float: added): a tensor whose leading dims broadcast
+       against s's and whose last two dims are 1 or the problem's full L and S (sliced here);
+    4. -inf outside the band: key j > query i + causal_offset, or j < i + window_lo.
+    softcap_grad: also return g = d(capped) / d(s) = 1 - tanh^2 (None without a softcap), which
+    the backward multiplies into dS (the chain rule through step 1).
     """
+    grad = None
+    if f.softcap > 0.0:
+        cap = f.softcap * (LOG2E if log2_units else 1.0)
+        t = torch.tanh(s / cap)  # not in place: autograd (the reference) needs tanh's output
+        if softcap_grad:
+            grad = 1.0 - t * t
+        s.copy_(t * cap)
+    if alibi is not None:
+        L, S = seqlens
+        rows, cols = _positions(m0, m1, n0, n1, s.device)
+        distance = (rows + (S - L) - cols).abs_().to(s.dtype)
+        slopes = alibi.to(s.dtype) * (LOG2E if log2_units else 1.0)
+        s.sub_(slopes[..., None, None] * distance)
     if mask is not None:
         rows = slice(m0, m1) if mask.shape[-2] > 1 else slice(None)
         cols = slice(n0, n1) if mask.shape[-1] > 1 else slice(None)
@@ -94,9 +138,15 @@ def score_mods_(
             s.add_(tile, alpha=LOG2E)
         else:
             s.add_(tile)
-    off = f.causal_offset
-    if off is not None and n1 - 1 > m0 + off:  # the tile crosses the diagonal
-        rows_i = torch.arange(m0, m1, device=s.device)
-        cols_j = torch.arange(n0, n1, device=s.device)
-        s.masked_fill_(~causal_keep(rows_i, cols_j, off), -math.inf)
-    return s
+    off, lo = f.causal_offset, f.window_lo
+    cuts_hi = off is not None and n1 - 1 > m0 + off  # the tile crosses the upper diagonal
+    cuts_lo = lo is not None and n0 < m1 - 1 + lo  # ... or the window's lower one
+    if cuts_hi or cuts_lo:
+        rows, cols = _positions(m0, m1, n0, n1, s.device)
+        hidden = torch.zeros((), dtype=torch.bool, device=s.device)
+        if cuts_hi:
+            hidden = hidden | (cols > rows + off)
+        if cuts_lo:
+            hidden = hidden | (cols < rows + lo)
+        s.masked_fill_(hidden, -math.inf)
+    return (s, grad) if softcap_grad else s

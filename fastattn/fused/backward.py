@@ -44,6 +44,7 @@ def plan_backward(
     has_dlse = dlse is not None
     dlse = dlse.to(acc_dtype).contiguous() if has_dlse else delta
     _, mask = pl.mask_operand(p)
+    alibi = pl.alibi_operand(p)
     if p.mask is None:
         kv_lists = q_lists = (mask, mask)
     else:
@@ -71,13 +72,14 @@ def plan_backward(
     launches = []
     for bs in pl.batch_chunks(B):
         nb = bs.stop - bs.start
-        mk = pl.chunk(mask, bs)
+        mk, al = pl.chunk(mask, bs), pl.chunk(alibi, bs)
         kv_ct, kv_ix = (pl.chunk(t, bs) for t in kv_lists)
         q_ct, q_ix = (pl.chunk(t, bs) for t in q_lists)
-        inputs = dict(Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Delta=delta[bs], Mask=mk)
+        inputs = dict(Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Delta=delta[bs], Mask=mk, Alibi=al)
         input_strides = {
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("do", dout, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
+            **pl.strides("a", al, "bh", broadcast=True),
         }  # fmt: skip
         pre_args = dict(
             Delta=delta[bs], Out=out[bs], DOut=dout[bs], DLse=dlse[bs],

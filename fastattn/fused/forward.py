@@ -29,6 +29,7 @@ def plan_forward(
         )
     q, k, v = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     _, mask = pl.mask_operand(p)
+    alibi = pl.alibi_operand(p)
     if p.mask is None:
         counts = index = mask
     else:
@@ -43,13 +44,13 @@ def plan_forward(
     )
     launches = []
     for bs in pl.batch_chunks(B):
-        mk, ct, ix = (pl.chunk(t, bs) for t in (mask, counts, index))
+        mk, ct, ix, al = (pl.chunk(t, bs) for t in (mask, counts, index, alibi))
         args = dict(
-            Out=out[bs], Lse=lse[bs], Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix,
+            Out=out[bs], Lse=lse[bs], Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("o", out, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
             **pl.strides("c", ct, "bhm", broadcast=True), **pl.strides("i", ix, "bhm", broadcast=True),
-            H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, **scalars,
+            **pl.strides("a", al, "bh", broadcast=True), H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, **scalars,
         )  # fmt: skip
         grid = (pl.cdiv(L, config.block_m), Hq, bs.stop - bs.start)
         launches.append(pl.Launch("forward", "attention_forward_kernel", grid, args, constexprs, config))

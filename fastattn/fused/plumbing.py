@@ -134,18 +134,39 @@ def dummy(p: Problem) -> torch.Tensor:
     return torch.empty(1, 1, 1, 1, dtype=torch.int32, device=p.device)
 
 
+def alibi_operand(p: Problem) -> torch.Tensor:
+    """The Alibi pointer's tensor: the float32 (1 or B, Hq) slopes, or a dummy without them."""
+    return dummy(p) if p.alibi is None else p.alibi
+
+
 def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object]]:
     """(scalars, constexprs) of the call's features for every kernel with a score step.
 
-    Each kernel names them in its signature and passes them to its score step: Triton kernels take
-    no structs, so this is the one place a feature's launch arguments are spelled out on the host
-    (passing them as one tuple argument would remove the kernel-side naming too; not done yet: it
-    changes every kernel's signature and its compiled register allocation)."""
+    Each kernel names them in its signature and gathers the step's scalars into one tuple
+    (kernels/common._mods) that the per-block helpers pass on: Triton kernels take no structs, so
+    this is the one place a feature's launch arguments are spelled out on the host. With a
+    softcap c, qk_scale is scale / c (natural units: tanh's argument) and softcap_scale c * log2(e)
+    (the capped score in log2 units); without, qk_scale is scale * log2(e)."""
     f = p.features
-    qk_scale, qk_scale_lo = split_scale(f.scale * LOG2E)
+    capped = f.softcap > 0.0
+    qk_scale, qk_scale_lo = split_scale(f.scale / f.softcap if capped else f.scale * LOG2E)
+    softcap_scale, softcap_scale_lo = split_scale(f.softcap * LOG2E)
     mask_kind, _ = mask_operand(p)
-    scalars = {"qk_scale": qk_scale, "qk_scale_lo": qk_scale_lo, "causal_offset": f.causal_offset or 0}
-    constexprs = {"IS_CAUSAL": f.causal_offset is not None, "MASK_KIND": mask_kind}
+    scalars = {
+        "qk_scale": qk_scale,
+        "qk_scale_lo": qk_scale_lo,
+        "causal_offset": f.causal_offset or 0,
+        "window_lo": f.window_lo or 0,
+        "softcap_scale": softcap_scale,
+        "softcap_scale_lo": softcap_scale_lo,
+    }
+    constexprs = {
+        "IS_CAUSAL": f.causal_offset is not None,
+        "IS_LOCAL": f.window_lo is not None,
+        "MASK_KIND": mask_kind,
+        "HAS_SOFTCAP": capped,
+        "HAS_ALIBI": p.alibi is not None,
+    }
     return scalars, constexprs
 
 

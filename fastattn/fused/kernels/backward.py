@@ -18,9 +18,12 @@ float32, float64 for float64 inputs; a float64 scale arrives split in two float3
 (qk_scale + qk_scale_lo, scale + scale_lo; see common._scaled). Rows with lse = -inf (no key to
 attend to) get P = 0: their lse is read as +inf, so every exp2 underflows to 0 and no
 (-inf) - (-inf) is ever formed. Edge handling uses the forward's constexpr flags (common.py:
-CHECK_M / CHECK_N / CHECK_E / CHECK_EV / IS_CAUSAL / MASK_KIND / LARGE_OFFSETS). As in the forward,
-each kernel visits its blocks through one step call for full blocks (no mask tile, no causal check)
-and one for cut blocks (the kernel's MASK_KIND and IS_CAUSAL).
+CHECK_M / CHECK_N / CHECK_E / CHECK_EV / IS_CAUSAL / IS_LOCAL / MASK_KIND / HAS_SOFTCAP / HAS_ALIBI /
+LARGE_OFFSETS). As in the forward, each kernel visits its blocks through one step call for full
+blocks (no mask tile, no causal or window check) and one for cut blocks (the kernel's MASK_KIND,
+IS_CAUSAL and IS_LOCAL); blocks outside a window's band are never visited. With a softcap c the
+scores are s = c * tanh(scale * q.k / c), so dS is multiplied by 1 - tanh^2 (the score step
+recomputes it) before the dK and dQ products, whose final factor stays `scale`.
 """
 
 import triton
@@ -33,6 +36,7 @@ from .common import (
     _load_rows,
     _load_tile,
     _lse_log2,
+    _mods,
     _row_offsets,
     _scaled,
     _score_step,
@@ -84,8 +88,9 @@ def _dkdv_query_block(
     dk, dv, k, v, offs_n, start_m, offs_mb,
     Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
     M_cols, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    L, S, E, EV, qk_scale, qk_scale_lo, mods,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
@@ -115,42 +120,53 @@ def _dkdv_query_block(
     delta = _load_rows(Delta_row + rows, rows, L, 0.0, CHECK_M)
     if KEY_MAJOR:
         qkT = _scaled(tl.dot(k, tl.trans(q), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-        qkT = _score_step(qkT, M_cols + local_n[:, None] * stride_mn + rows_q[None, :] * stride_mm,
-                          rows, offs_n, L, S, causal_offset,
-                          MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                          KEY_MAJOR=True)
+        qkT, cap_gradT = _score_step(qkT, M_cols + local_n[:, None] * stride_mn + rows_q[None, :] * stride_mm,
+                                     rows, offs_n, L, S, mods,
+                                     MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
+                                     HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                                     KEY_MAJOR=True)
         pT = tl.math.exp2(qkT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * cap_gradT
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
     else:
         qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-        qk = _score_step(qk, M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn,
-                         rows, offs_n, L, S, causal_offset,
-                         MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                         KEY_MAJOR=False)
+        qk, cap_grad = _score_step(qk, M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn,
+                                   rows, offs_n, L, S, mods,
+                                   MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
+                                   HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                                   KEY_MAJOR=False)
         p = tl.math.exp2(qk - lse2[:, None])
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * cap_grad
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _query_block_bounds(
-    Counts, n0, L, causal_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FROM_LIST: tl.constexpr,
+    Counts, n0, L, causal_offset, window_lo,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    FROM_LIST: tl.constexpr,
 ):
     """Loop bounds over the query blocks that see keys [n0, n0 + BLOCK_N): (full_lo, full_end,
-    cut_lo, cut_span), [full_lo, full_end) the blocks that need no masking and
-    [cut_lo, cut_lo + cut_span) the ones that do.
+    cut_lo, cut_span, gap_at, gap), [full_lo, full_end) the blocks that need no masking and cut_span
+    positions from cut_lo that do, skipping `gap` positions at gap_at (common._block_start).
 
     Ranges (no mask): query positions, a block every BLOCK_M; the cut blocks are the ones the
-    diagonal crosses, from the first row that sees key n0 to the first that sees the whole block.
+    diagonal crosses, from the first row that sees key n0 to the first that sees the whole block,
+    and with a window (IS_LOCAL) the ones its lower edge crosses, from the last row that sees the
+    whole block to the last that sees key n0 + BLOCK_N - 1; rows below those are not visited.
     Lists (FROM_LIST): positions in the host's list, a block every 1 (Counts[0] full, Counts[1] cut).
     A span rather than an end for the cut blocks, as in common._key_block_bounds."""
+    gap_at = 0
+    gap = 0
     if FROM_LIST:
         full_lo = 0
         full_end = tl.load(Counts)
@@ -166,14 +182,24 @@ def _query_block_bounds(
         else:
             cut_lo = 0
             full_lo = 0
-        cut_span = full_lo - cut_lo
         full_end = L
-    return full_lo, full_end, cut_lo, cut_span
+        cut_span = full_lo - cut_lo
+        if IS_LOCAL:
+            # Row i sees every key of the block while i <= n0 - window_lo, some while
+            # i <= n0 + BLOCK_N - 1 - window_lo. A last block past L is full when its real rows are.
+            full_end = tl.minimum(tl.maximum(n0 - window_lo + 1, 0), L)
+            full_end = tl.where(full_end >= L, L, full_end - full_end % BLOCK_M)
+            full_end = tl.maximum(full_end, full_lo)
+            row_end = tl.maximum(tl.minimum(tl.maximum(n0 + BLOCK_N - window_lo, 0), L), full_end)
+            gap_at = full_lo
+            gap = full_end - full_lo
+            cut_span = cut_span + (row_end - full_end)
+    return full_lo, full_end, cut_lo, cut_span, gap_at, gap
 
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    DK, DV, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex,
+    DK, DV, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -183,11 +209,14 @@ def attention_backward_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in,
+    stride_ab, stride_ah,
     H, GROUP, L, S, E, EV,
-    qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset,
+    qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
 ):
@@ -198,7 +227,8 @@ def attention_backward_dkdv_kernel(
     summing in registers. H is the number of query heads; Lse and Delta are (B, H, L) float32
     (float64 for float64 inputs). KEY_MAJOR picks the orientation of the score tiles (_dkdv_query_block).
     Without a mask: causal starts at the diagonal (query i sees key j when j <= i + causal_offset),
-    blocks the diagonal cuts first, then the blocks below it with no causal check. With a mask the
+    blocks the diagonal cuts first (and a window's lower edge, j >= i + window_lo), then the blocks
+    inside the band with no causal or window check. With a mask the
     host lists per (b, query head, key block) the query blocks to visit: BlockCount[..., 0] that
     need no masking, then BlockCount[..., 1] that do, their indices in BlockIndex. Full blocks drop
     the mask tile and the causal check; every block keeps CHECK_M and CHECK_N (query rows past L get
@@ -208,8 +238,9 @@ def attention_backward_dkdv_kernel(
     # One loop form for ranges and lists, as in the forward kernel (common._block_start).
     FROM_LIST: tl.constexpr = MASK_KIND != 0
     STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_M
-    # Without a mask or causality, every query block is full.
-    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL
+    # Without a mask, causality or a window, every query block is full.
+    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL
+    HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
     # Ranges walk the query blocks upwards, so the diagonal's (cut) blocks come before the full ones;
     # the host's lists put the full blocks first. Both orders are kept, since the order of the sums
     # fixes the bits of dK and dV: a static_range over two phases picks it at compile time and
@@ -245,28 +276,33 @@ def attention_backward_dkdv_kernel(
         M_cols = Mask + b * stride_mb + h * stride_mh + n0_64 * stride_mn
         Counts = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
         Index = BlockIndex + b * stride_ib + h * stride_ih + start_n * stride_in
-        full_lo, full_end, cut_lo, cut_span = _query_block_bounds(
-            Counts, n0, L, causal_offset, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FROM_LIST=FROM_LIST)
+        full_lo, full_end, cut_lo, cut_span, gap_at, gap = _query_block_bounds(
+            Counts, n0, L, causal_offset, window_lo,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
+        mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+                     HAS_ALIBI=HAS_ALIBI)
         for phase in tl.static_range(2):
             if phase == FULL_PHASE:
                 for j in range(full_lo, full_end, STEP):
                     dk, dv = _dkdv_query_block(
-                        dk, dv, k, v, offs_n, _block_start(j, Index, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST), offs_mb,
+                        dk, dv, k, v, offs_n,
+                        _block_start(j, Index, 0, 0, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST, HAS_GAP=False), offs_mb,
                         Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
                         M_cols, stride_mm, stride_mn,
-                        L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                        MASK_KIND=0, APPLY_CAUSAL=False,
-                        CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
+                        L, S, E, EV, qk_scale, qk_scale_lo, mods,
+                        MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP,
+                        HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
                         LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
             elif HAS_CUT_BLOCKS:
                 for j in range(cut_lo, cut_lo + cut_span, STEP):
                     dk, dv = _dkdv_query_block(
-                        dk, dv, k, v, offs_n, _block_start(j, Index, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST), offs_mb,
-                        Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+                        dk, dv, k, v, offs_n,
+                        _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP),
+                        offs_mb, Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
                         M_cols, stride_mm, stride_mn,
-                        L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                        MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL,
-                        CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
+                        L, S, E, EV, qk_scale, qk_scale_lo, mods,
+                        MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
+                        HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
                         LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
 
     dk = _scaled(dk, scale, scale_lo)
@@ -282,8 +318,9 @@ def attention_backward_dkdv_kernel(
 def _dq_key_block(
     dq, q, do, lse2, delta, offs_m, start_n, offs_n,
     K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    L, S, E, EV, qk_scale, qk_scale_lo, mods,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -296,21 +333,24 @@ def _dq_key_block(
     rows_kv = _row_offsets(cols, LARGE_OFFSETS)[:, None]
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
     # CHECK_N: keys past S would add to every row of dQ; _key_block_scores sets them to -inf.
-    qk = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
-                           qk_scale, qk_scale_lo, causal_offset,
-                           MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                           INPUT_PRECISION=INPUT_PRECISION)
+    qk, cap_grad = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
+                                     qk_scale, qk_scale_lo, mods,
+                                     MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
+                                     HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                                     INPUT_PRECISION=INPUT_PRECISION)
     p = tl.math.exp2(qk - lse2[:, None])
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * cap_grad
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     return dq
 
 
 @triton.jit
 def attention_backward_dq_kernel(
-    DQ, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex,
+    DQ, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -319,11 +359,14 @@ def attention_backward_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
+    stride_ab, stride_ah,
     H, GROUP, L, S, E, EV,
-    qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset,
+    qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -332,15 +375,16 @@ def attention_backward_dq_kernel(
     grid: (cdiv(L, BLOCK_M), H, B). Key blocks are visited as in the forward kernel
     (common._key_block_bounds): ranges without a mask (blocks wholly left of the diagonal, then the
     ones it or the end of S cuts), host-built lists (BlockCount, BlockIndex per (b, h, query block))
-    with one; full blocks by one step call without mask tile, causal check or CHECK_N, cut blocks by
-    one with the kernel's flags (common.py).
+    with one; full blocks by one step call without mask tile, causal or window check or CHECK_N, cut
+    blocks by one with the kernel's flags (common.py).
     """
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and HEAD_DIM >= 16 and HEAD_DIM_V >= 16)
     # One loop form for ranges and lists, as in the forward kernel (common._block_start).
     FROM_LIST: tl.constexpr = MASK_KIND != 0
     STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_N
-    # Without a mask, causality or a ragged S, every block is full.
-    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or CHECK_N
+    # Without a mask, causality, a window or a ragged S, every block is full.
+    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL or CHECK_N
+    HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -366,25 +410,32 @@ def attention_backward_dq_kernel(
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
     Counts = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
     Index = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
-    full_end, cut_span = _key_block_bounds(Counts, m0, L, S, causal_offset,
-                                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FROM_LIST=FROM_LIST)
+    full_lo, full_end, cut_lo, cut_span, gap_at, gap = _key_block_bounds(
+        Counts, m0, L, S, causal_offset, window_lo,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
+    mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+                 HAS_ALIBI=HAS_ALIBI)
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=acc_ty)
 
-    for j in range(0, full_end, STEP):
+    for j in range(full_lo, full_end, STEP):
         dq = _dq_key_block(
-            dq, q, do, lse2, delta, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
+            dq, q, do, lse2, delta, offs_m,
+            _block_start(j, Index, 0, 0, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=False), offs_n,
             K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-            L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-            MASK_KIND=0, APPLY_CAUSAL=False, CHECK_M=CHECK_M, CHECK_N=False,
+            L, S, E, EV, qk_scale, qk_scale_lo, mods,
+            MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+            CHECK_M=CHECK_M, CHECK_N=False,
             CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
     if HAS_CUT_BLOCKS:
-        for j in range(full_end, full_end + cut_span, STEP):
+        for j in range(cut_lo, cut_lo + cut_span, STEP):
             dq = _dq_key_block(
-                dq, q, do, lse2, delta, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
+                dq, q, do, lse2, delta, offs_m,
+                _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP), offs_n,
                 K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                L, S, E, EV, qk_scale, qk_scale_lo, mods,
+                MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                 CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
 
     dq = _scaled(dq, scale, scale_lo)

@@ -4,12 +4,18 @@ loop bounds over key blocks.
 Scores are kept in log2 units: log2(e) is folded into the scale (qk_scale = scale * log2(e), applied
 by _scaled) and into additive masks (* LOG2E on load), so each exponential is one exp2.
 
-_score_step is the one place where scaled products become the scores the softmax sees (mask tile,
-causality). Every kernel computes its scores through it, in either orientation (queries along rows,
+_score_step is the one place where scaled products become the scores the softmax sees (softcap,
+ALiBi, mask tile, causality, sliding window, in that order). Every kernel computes its scores
+through it, in either orientation (queries along rows,
 or keys along rows as in the key-major dK/dV tiles), so a new score modifier (a sliding window, a
 soft cap, ALiBi) is one constexpr-guarded block there, which the forward, dK/dV and dQ kernels all
 pick up. Full-block calls may pass such a flag off only where the block bounds guarantee the
-modifier changes nothing there, as they do for the causal check.
+modifier changes nothing there, as they do for the causal and window checks; value modifiers
+(softcap, ALiBi) stay on in every block.
+
+The step's run-time scalars travel as one tuple, `mods` = (causal_offset, window_lo,
+softcap_scale, softcap_scale_lo, alibi_slope), built once per (batch, head) by :func:`_mods`, so the
+per-block helpers pass one name through instead of one argument per feature.
 
 Constexpr flags are named for what they guarantee; each one that is False removes code:
   CHECK_M / CHECK_N    query rows past L / key positions past S may occur in a tile: loads are masked
@@ -19,7 +25,15 @@ Constexpr flags are named for what they guarantee; each one that is False remove
   IS_CAUSAL            (kernels) key j is visible to query i only when j <= i + causal_offset.
   APPLY_CAUSAL         (steps) the tile may hold keys hidden by causality: they are set to -inf.
                        False: the caller guarantees every key of the tile is visible to all its rows.
+  IS_LOCAL             (kernels) a sliding window: key j is visible only when j >= i + window_lo;
+                       the block loops skip the blocks outside the band.
+  APPLY_WINDOW         (steps) the tile may hold keys below the window: they are set to -inf.
+  HAS_SOFTCAP          scores become c * tanh(s / c): the launcher passes qk_scale = scale / c and
+                       softcap_scale = c * log2(e) (split), and the step returns 1 - tanh^2 too.
+                       Costs an exp2, a division and 8 FMAs per score (_tanh). False: no code.
+  HAS_ALIBI            adds -slope * |i + S - L - j| (slope loaded once per head). False: no code.
   FROM_LIST            the blocks to visit come from a host-built list (masked kernels), not ranges.
+  HAS_GAP              (block starts) the cut blocks of a window skip its full ones (ranges only).
   KEY_MAJOR            (dK/dV) score tiles are k q^T, keys along rows, instead of q k^T.
   LARGE_OFFSETS        a block offset times a row stride may pass 2**31: offsets are 64-bit.
 """
@@ -101,15 +115,67 @@ def _lse_log2(Lse_row, rows, L, CHECK_M: tl.constexpr):
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
+# Odd Taylor coefficients of tanh (x^3, x^5, ...), for |x| below _tanh's switch point.
+T3: tl.constexpr = tl.constexpr(-0.3333333333333333)
+T5: tl.constexpr = tl.constexpr(0.13333333333333333)
+T7: tl.constexpr = tl.constexpr(-0.05396825396825397)
+T9: tl.constexpr = tl.constexpr(0.021869488536155203)
+T11: tl.constexpr = tl.constexpr(-0.008863235529902197)
+T13: tl.constexpr = tl.constexpr(0.003592128036572481)
+T15: tl.constexpr = tl.constexpr(-0.0014558343870513183)
+T17: tl.constexpr = tl.constexpr(0.000590027440945586)
+T19: tl.constexpr = tl.constexpr(-0.00023912911424355248)
+T21: tl.constexpr = tl.constexpr(9.691537956929451e-05)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh to a few ulps in float32 and float64, with exp2 only (Triton has no tanh that also runs
+    in its interpreter): 1 - 2 / (exp(2|x|) + 1) where tanh >= ~0.25 (no cancellation there), the
+    Taylor series below (float32: |x| < 0.5, to x^15; float64: |x| < 0.25, to x^21). Measured
+    against mpmath: 1.5 ulp (float32), 2.8 ulp (float64). Overflow gives +-1, NaN stays NaN."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * (2 * LOG2E))
+    big = 1.0 - 2.0 / (e + 1.0)
+    big = tl.where(x < 0, -big, big)
+    x2 = x * x
+    if x.dtype == tl.float64:
+        poly = ((((((((T21 * x2 + T19) * x2 + T17) * x2 + T15) * x2 + T13) * x2 + T11) * x2 + T9) * x2 + T7) * x2
+                + T5) * x2 + T3
+        t = tl.where(a < 0.25, x + x * x2 * poly, big)
+    else:
+        poly = (((((T15 * x2 + T13) * x2 + T11) * x2 + T9) * x2 + T7) * x2 + T5) * x2 + T3
+        t = tl.where(a < 0.5, x + x * x2 * poly, big)
+    return t
+
+
+@triton.jit
+def _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+          HAS_ALIBI: tl.constexpr):
+    """The score step's scalars for (batch b, query head h): (causal_offset, window_lo,
+    softcap_scale, softcap_scale_lo, alibi_slope), the slope read from Alibi (float32 (B or 1, H),
+    broadcast dims with stride 0) only with HAS_ALIBI."""
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
+    else:
+        slope = 0.0
+    return causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope
+
+
 @triton.jit
 def _score_step(
-    s, M_tile, q_idx, k_idx, L, S, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    s, M_tile, q_idx, k_idx, L, S, mods,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     KEY_MAJOR: tl.constexpr,
 ):
-    """The scores the softmax sees, from a tile s of scaled products (log2 units, _scaled): plus the
-    mask tile at pointers M_tile (float: converted to log2 units; bool: -inf where False), -inf where
-    causality hides the key (key j > query i + causal_offset).
+    """(scores, cap_grad): the scores the softmax sees, from a tile s of scaled products (log2
+    units, _scaled), in this order: capped (HAS_SOFTCAP: s = softcap_scale * tanh(s), the launcher
+    having divided qk_scale by the cap), plus the ALiBi bias -slope * |i + S - L - j| (in log2
+    units), plus the mask tile at pointers M_tile (float: converted to log2 units; bool: -inf where
+    False), -inf where causality hides the key (key j > query i + causal_offset) or the window does
+    (j < i + window_lo). mods: the tuple of _mods. cap_grad: 1 - tanh^2 of the tile with
+    HAS_SOFTCAP (the backward's chain rule), else s itself (a placeholder the callers never read).
 
     q_idx, k_idx: the tile's query and key positions (1-D); KEY_MAJOR: keys run along the rows (s
     comes from k q^T), else queries do. CHECK_M / CHECK_N bound the mask load by L / S. Keys past S
@@ -124,6 +190,16 @@ def _score_step(
     else:
         k_pos = k_idx[None, :]
         q_pos = q_idx[:, None]
+    causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope = mods
+    if HAS_SOFTCAP:
+        t = _tanh(s)
+        cap_grad = 1.0 - t * t
+        s = _scaled(t, softcap_scale, softcap_scale_lo)
+    else:
+        cap_grad = s
+    if HAS_ALIBI:
+        distance = tl.abs(q_pos + (S - L) - k_pos).to(s.dtype)
+        s = s - (slope.to(s.dtype) * LOG2E) * distance
     if MASK_KIND != 0:
         if KEY_MAJOR:
             mask = _load_tile(M_tile, k_idx, S, q_idx, L, CHECK_N, CHECK_M)
@@ -135,47 +211,59 @@ def _score_step(
             s = s + mask.to(s.dtype) * LOG2E
     if APPLY_CAUSAL:
         s = tl.where(k_pos <= q_pos + causal_offset, s, float("-inf"))
-    return s
+    if APPLY_WINDOW:
+        s = tl.where(k_pos >= q_pos + window_lo, s, float("-inf"))
+    return s, cap_grad
 
 
 @triton.jit
 def _key_block_scores(
-    q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+    q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S, qk_scale, qk_scale_lo, mods,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Scores (BLOCK_M, BLOCK_N) of query rows offs_m against the key tile k at positions cols
-    (rows_kv: cols as row offsets, (BLOCK_N, 1)), query-major, for the forward and dQ kernels: the
-    score step with M_rows the mask at row offs_m[0], then -inf where a key lies past S (CHECK_N),
-    since there every key of the tile adds to every row."""
+    """(scores, cap_grad) (BLOCK_M, BLOCK_N) of query rows offs_m against the key tile k at positions
+    cols (rows_kv: cols as row offsets, (BLOCK_N, 1)), query-major, for the forward and dQ kernels:
+    the score step with M_rows the mask at row offs_m[0], then -inf where a key lies past S
+    (CHECK_N), since there every key of the tile adds to every row."""
     local_m = tl.arange(0, q.shape[0])
     qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
-    qk = _score_step(qk, M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn,
-                     offs_m, cols, L, S, causal_offset,
-                     MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                     KEY_MAJOR=False)
+    qk, cap_grad = _score_step(qk, M_rows + local_m[:, None] * stride_mm + tl.trans(rows_kv) * stride_mn,
+                               offs_m, cols, L, S, mods,
+                               MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
+                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                               KEY_MAJOR=False)
     if CHECK_N:
         qk = tl.where(cols[None, :] < S, qk, float("-inf"))
-    return qk
+    return qk, cap_grad
 
 
 @triton.jit
 def _key_block_bounds(
-    Counts, m0, L, S, causal_offset,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, FROM_LIST: tl.constexpr,
+    Counts, m0, L, S, causal_offset, window_lo,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr,
+    FROM_LIST: tl.constexpr,
 ):
     """Loop bounds over the key blocks that query rows [m0, m0 + BLOCK_M) visit, for the forward and
-    dQ kernels: (full_end, cut_span), [0, full_end) the blocks that need no masking and
-    [full_end, full_end + cut_span) the ones that do.
+    dQ kernels: (full_lo, full_end, cut_lo, cut_span, gap_at, gap), [full_lo, full_end) the blocks
+    that need no masking and cut_span more positions from cut_lo that do, which skip `gap` positions
+    once they reach gap_at (_block_start with HAS_GAP): a window's cut blocks lie on both sides of
+    its full ones.
 
     Ranges (FROM_LIST False, no mask): key positions, a block every BLOCK_N; full blocks lie wholly
-    left of the diagonal and inside S. Lists (FROM_LIST): positions in the host's block list, a block
-    every 1; Counts[0] blocks need no masking, Counts[1] more do (see _block_start).
-    A span rather than an end: the caller's full_end + cut_span then sits at the cut loop, where the
+    inside the band (left of the causal diagonal, right of the window's lower one) and inside S;
+    blocks outside the band are not visited. Lists (FROM_LIST): positions in the host's block list,
+    a block every 1; Counts[0] blocks need no masking, Counts[1] more do (no gap).
+    A span rather than an end: the caller's cut_lo + cut_span then sits at the cut loop, where the
     list bound was always computed (ranges fold it back to their end); computed before the full loop
     instead, it made the sm_90 float32 dQ kernel spill (E=128, float mask)."""
+    full_lo = 0
+    gap_at = 0
+    gap = 0
     if FROM_LIST:
         full_end = tl.load(Counts)
+        cut_lo = full_end
         cut_span = tl.load(Counts + 1)
     else:
         if IS_CAUSAL:
@@ -188,16 +276,33 @@ def _key_block_bounds(
             full_end = S
         # Written as x - x % BLOCK_N: `x // BLOCK_N * BLOCK_N` made ptxas spill on sm_80.
         full_end = full_end - full_end % BLOCK_N
-        cut_span = end - full_end
-    return full_end, cut_span
+        if IS_LOCAL:
+            # Keys from m0 + window_lo are seen by the first row; from last_row + window_lo by all.
+            lo = tl.minimum(tl.maximum(m0 + window_lo, 0), S)
+            lo = lo - lo % BLOCK_N
+            full_lo = tl.minimum(tl.maximum(tl.minimum(m0 + BLOCK_M, L) - 1 + window_lo, 0), S)
+            full_lo = tl.maximum(full_lo + (BLOCK_N - full_lo % BLOCK_N) % BLOCK_N, lo)
+            full_end = tl.maximum(full_end, full_lo)
+            end = tl.maximum(end, full_end)
+            cut_lo = lo
+            gap_at = full_lo
+            gap = full_end - full_lo
+            cut_span = (full_lo - lo) + (end - full_end)
+        else:
+            cut_lo = full_end
+            cut_span = end - full_end
+    return full_lo, full_end, cut_lo, cut_span, gap_at, gap
 
 
 @triton.jit
-def _block_start(j, Index, BLOCK: tl.constexpr, FROM_LIST: tl.constexpr):
+def _block_start(j, Index, gap_at, gap, BLOCK: tl.constexpr, FROM_LIST: tl.constexpr, HAS_GAP: tl.constexpr):
     """First position of the block at loop position j: j itself for ranges (they step by BLOCK),
-    BLOCK * Index[j] for a host-built list of block indices."""
+    past the gap (j + gap once j >= gap_at) for the cut blocks of a window (HAS_GAP), BLOCK *
+    Index[j] for a host-built list of block indices."""
     if FROM_LIST:
         start = tl.load(Index + j) * BLOCK
+    elif HAS_GAP:
+        start = tl.where(j >= gap_at, j + gap, j)
     else:
         start = j
     return start

@@ -8,23 +8,34 @@ float64 inputs). Scores are in log2 units and come from the score step of common
 exponential is one exp2 and a score modifier added there reaches this kernel too.
 
 Key blocks are of two kinds, each visited by one call of the step (_attend_kv_block): full blocks,
-which need no element masking (no mask tile, no causal check, no key past S: the range arithmetic
-or the host's block list guarantees it), then cut blocks, which get the kernel's MASK_KIND,
-IS_CAUSAL and CHECK_N. The constexpr flags are described in common.py.
+which need no element masking (no mask tile, no causal or window check, no key past S: the range
+arithmetic or the host's block list guarantees it), then cut blocks, which get the kernel's
+MASK_KIND, IS_CAUSAL, IS_LOCAL and CHECK_N. Softcap and ALiBi apply to both kinds. The constexpr
+flags are described in common.py.
 """
 
 import triton
 import triton.language as tl
 
-from .common import LN2, _block_start, _key_block_bounds, _key_block_scores, _load_tile, _row_offsets, _store_tile
+from .common import (
+    LN2,
+    _block_start,
+    _key_block_bounds,
+    _key_block_scores,
+    _load_tile,
+    _mods,
+    _row_offsets,
+    _store_tile,
+)
 
 
 @triton.jit
 def _attend_kv_block(
     acc, l_i, m_i, q, offs_m, start_n, offs_n,
     K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr,
+    L, S, E, EV, qk_scale, qk_scale_lo, mods,
+    MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -39,10 +50,11 @@ def _attend_kv_block(
     cols = start_n + offs_n
     rows_kv = _row_offsets(cols, LARGE_OFFSETS)[:, None]
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
-    qk = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
-                           qk_scale, qk_scale_lo, causal_offset,
-                           MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                           INPUT_PRECISION=INPUT_PRECISION)
+    qk, _ = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
+                              qk_scale, qk_scale_lo, mods,
+                              MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
+                              HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                              INPUT_PRECISION=INPUT_PRECISION)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no key yet has m = -inf; subtracting it would give (-inf) - (-inf) = NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -57,7 +69,7 @@ def _attend_kv_block(
 
 @triton.jit
 def attention_forward_kernel(
-    Out, Lse, Q, K, V, Mask, BlockCount, BlockIndex,
+    Out, Lse, Q, K, V, Mask, BlockCount, BlockIndex, Alibi,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -65,11 +77,14 @@ def attention_forward_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
+    stride_ab, stride_ah,
     H, GROUP, L, S, E, EV,
-    qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset,
+    qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset, window_lo,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -77,8 +92,10 @@ def attention_forward_kernel(
 
     grid: (cdiv(L, BLOCK_M), H, B). Query head h reads KV head h // GROUP.
     Lse and the accumulators are float32, float64 for float64 inputs. qk_scale = scale * log2(e)
-    (+ qk_scale_lo, its float32 remainder, used by float64 inputs only). Causal: key j is visible
-    to query i when j <= i + causal_offset.
+    (+ qk_scale_lo, its float32 remainder, used by float64 inputs only; with HAS_SOFTCAP it is
+    scale / softcap and softcap_scale = softcap * log2(e)). Causal: key j is visible to query i
+    when j <= i + causal_offset; local (a sliding window): when j >= i + window_lo. ALiBi: Alibi
+    holds float32 slopes (B or 1, H), stride 0 on a broadcast dim.
     Without a mask, key blocks are visited as ranges: full blocks first, then the blocks that the
     diagonal or the end of S cut. With a mask (MASK_KIND 1 bool, 2 float; broadcast dims have
     stride 0), the host lists per (b, h, query block) the key blocks to visit: BlockCount[..., 0]
@@ -95,8 +112,9 @@ def attention_forward_kernel(
     # positions as they always did, so the kernel compiles as before (same registers and spills).
     FROM_LIST: tl.constexpr = MASK_KIND != 0
     STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_N
-    # Without a mask, causality or a ragged S, every block is full.
-    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or CHECK_N
+    # Without a mask, causality, a window or a ragged S, every block is full.
+    HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL or CHECK_N
+    HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -117,28 +135,34 @@ def attention_forward_kernel(
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
     Counts = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
     Index = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
-    full_end, cut_span = _key_block_bounds(Counts, m0, L, S, causal_offset,
-                                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, FROM_LIST=FROM_LIST)
+    full_lo, full_end, cut_lo, cut_span, gap_at, gap = _key_block_bounds(
+        Counts, m0, L, S, causal_offset, window_lo,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
+    mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+                 HAS_ALIBI=HAS_ALIBI)
 
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_ty)
     l_i = tl.zeros([BLOCK_M], dtype=acc_ty)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=acc_ty)
 
-    for j in range(0, full_end, STEP):
+    for j in range(full_lo, full_end, STEP):
         acc, l_i, m_i = _attend_kv_block(
-            acc, l_i, m_i, q, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
-            K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-            L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-            MASK_KIND=0, APPLY_CAUSAL=False, CHECK_M=CHECK_M, CHECK_N=False,
+            acc, l_i, m_i, q, offs_m, _block_start(j, Index, 0, 0, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=False),
+            offs_n, K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
+            L, S, E, EV, qk_scale, qk_scale_lo, mods,
+            MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
+            CHECK_M=CHECK_M, CHECK_N=False,
             CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
     if HAS_CUT_BLOCKS:
-        for j in range(full_end, full_end + cut_span, STEP):
+        for j in range(cut_lo, cut_lo + cut_span, STEP):
             acc, l_i, m_i = _attend_kv_block(
-                acc, l_i, m_i, q, offs_m, _block_start(j, Index, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST), offs_n,
-                K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, qk_scale_lo, causal_offset,
-                MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
+                acc, l_i, m_i, q, offs_m,
+                _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP),
+                offs_n, K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
+                L, S, E, EV, qk_scale, qk_scale_lo, mods,
+                MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
+                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                 CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
 
     dead = l_i == 0.0
