@@ -54,13 +54,17 @@ ROW_STRIDES = frozenset({"stride_qm", "stride_kn", "stride_vn", "stride_om", "st
 class Variant:
     """A kind of problem the kernels specialise for: causal (top-left), ragged (L, S not block
     multiples), padded (E, Ev not powers of two), mask ("bool" / "float", shape (1, 1, L, S)),
-    large (a key stride so large that offsets need 64 bits: LARGE_OFFSETS)."""
+    large (a key stride so large that offsets need 64 bits: LARGE_OFFSETS), window (a sliding
+    window's (left, right)), softcap (Gemma 2's 50.0), alibi ((Hq,) slopes)."""
 
     causal: bool = False
     ragged: bool = False
     padded: bool = False
     mask: str | None = None
     large: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    alibi: bool = False
 
 
 VARIANTS = {
@@ -73,6 +77,12 @@ VARIANTS = {
     "bool-mask-ragged": Variant(mask="bool", ragged=True, padded=True),
     "float-mask-causal": Variant(causal=True, mask="float"),
     "large-offsets": Variant(causal=True, large=True),
+    "window": Variant(window=(255, 0)),
+    "window-ragged": Variant(window=(200, 0), ragged=True),
+    "window-bool-mask": Variant(window=(255, 0), mask="bool", ragged=True),
+    "softcap-causal": Variant(causal=True, softcap=50.0),
+    "alibi-causal": Variant(causal=True, alibi=True),
+    "softcap-alibi-window": Variant(window=(255, 0), softcap=50.0, alibi=True, ragged=True),
 }
 # The variants every config must compile spill-free (large-offsets is the rare path: reported).
 SPILL_FREE_VARIANTS = tuple(v for v in VARIANTS if v != "large-offsets")
@@ -94,7 +104,10 @@ def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
     mask = None
     if v.mask:
         mask = torch.empty(1, 1, L, S, device="meta", dtype=torch.bool if v.mask == "bool" else dtype)
-    return canonicalize(q, k, v_, attn_mask=mask, is_causal=v.causal)
+    alibi = torch.empty(2, device="meta", dtype=torch.float32) if v.alibi else None
+    return canonicalize(
+        q, k, v_, attn_mask=mask, is_causal=v.causal, window_size=v.window, softcap=v.softcap, alibi_slopes=alibi
+    )
 
 
 def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch: int, tile: TileConfig | None = None):
