@@ -223,7 +223,9 @@ FEATURES: dict[str, Feature] = {
         ALL_BACKENDS,
         ALL_BACKENDS,
     ),
-    "softcap": Feature("logit softcapping (softcap > 0)", lambda p: p.features.softcap > 0.0, ALL_BACKENDS, ALL_BACKENDS),
+    "softcap": Feature(
+        "logit softcapping (softcap > 0)", lambda p: p.features.softcap > 0.0, ALL_BACKENDS, ALL_BACKENDS
+    ),
     "alibi": Feature("ALiBi slopes", lambda p: p.alibi is not None, ALL_BACKENDS, ALL_BACKENDS),
     "dropout": Feature(
         "dropout_p > 0 (not implemented yet in fastattn; pass dropout_p=0.0)",

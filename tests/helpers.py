@@ -179,6 +179,9 @@ class Case:
     layout: str = "bhld"
     large: bool = False
     nan_pad: int = 0
+    window: tuple[int, int] | None = None  # window_size=(left, right)
+    softcap: float = 0.0
+    alibi: str | None = None  # "h": slopes (Hq,); "bh": slopes (B, Hq)
 
     def __post_init__(self):
         assert not (self.causal == "br" and self.mask), "a CausalBias is the mask: no tensor mask with it"
@@ -202,6 +205,12 @@ class Case:
             parts.append("large")
         if self.nan_pad:
             parts.append("poison")
+        if self.window:
+            parts.append(f"win{self.window[0]}_{self.window[1]}")
+        if self.softcap:
+            parts.append(f"cap{self.softcap:g}")
+        if self.alibi:
+            parts.append(f"alibi_{self.alibi}")
         if self.B * self.Hq > 1:
             parts.append(f"B{self.B}H{self.Hq}")
         return "-".join(parts)
@@ -233,6 +242,27 @@ PARITY_CASES = [
     Case(17, 17, 1, 3, Hq=2, Hkv=2, causal="tl"),  # the smallest head dims
     Case(63, 127, 80, B=2, Hq=2, Hkv=1, causal="tl", mask="bool_b11s", layout="blhd", nan_pad=3),
     Case(129, 64, 32, B=2, Hq=2, Hkv=2, mask="float_bhls", dead=0.2, nan_pad=2),
+]
+
+
+# Sliding windows, softcaps and ALiBi, alone and combined with each other and with GQA/MQA, masks,
+# both causal alignments, L != S, ragged lengths, E != Ev and rows the window empties.
+MODIFIER_CASES = [
+    Case(65, 65, 64, Hq=2, Hkv=2, window=(15, 0)),  # Mistral's causal window of 16 keys
+    Case(63, 129, 32, Hq=4, Hkv=2, window=(20, 0)),  # bottom-right aligned, L < S, GQA
+    Case(129, 63, 40, 16, Hq=2, Hkv=1, window=(7, 3)),  # L > S: the first rows see no key; MQA
+    Case(64, 64, 16, window=(0, 0)),  # only the aligned diagonal
+    Case(17, 7, 32, Hq=2, Hkv=2, window=(2, 1), causal="tl"),  # intersected with top-left causal
+    Case(127, 127, 64, B=2, Hq=2, Hkv=2, window=(31, 8), mask="bool_b11s", dead=0.5),
+    Case(7, 130, 32, Hq=2, Hkv=1, window=(200, 200)),  # wider than S on both sides
+    Case(65, 17, 40, Hq=2, Hkv=2, window=(-1, 2)),  # right edge only
+    Case(40, 90, 16, Hq=2, Hkv=2, window=(5, -1)),  # left edge only
+    Case(65, 64, 80, Hq=2, Hkv=2, softcap=50.0, large=True),  # Gemma 2's cap on scores ~1e3
+    Case(63, 65, 64, Hq=2, Hkv=2, softcap=1.0, causal="br"),
+    Case(33, 47, 96, 64, Hq=4, Hkv=2, alibi="h", causal="tl"),
+    Case(64, 127, 64, B=2, Hq=2, Hkv=2, alibi="bh", mask="float_1hls"),
+    Case(100, 100, 64, B=2, Hq=4, Hkv=2, window=(24, 0), softcap=30.0, alibi="bh", mask="float_b11s", nan_pad=1),
+    Case(1, 100, 64, Hq=2, Hkv=2, window=(31, 0), softcap=20.0, alibi="h"),  # one decoding step
 ]
 
 
@@ -284,4 +314,17 @@ def attention_arguments(case: Case, dtype: torch.dtype):
         kind, shape_name = case.mask.split("_")
         shape = mask_shape(shape_name, case.B, case.Hq, case.L, case.S)
         kwargs["attn_mask"] = make_mask(shape, kind, dtype, dead_frac=case.dead)
+    if case.window:
+        kwargs["window_size"] = case.window
+    if case.softcap:
+        kwargs["softcap"] = case.softcap
+    if case.alibi:
+        kwargs["alibi_slopes"] = alibi_slopes(case.Hq, case.B if case.alibi == "bh" else None)
     return q, k, v, kwargs
+
+
+def alibi_slopes(H: int, B: int | None = None) -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 (h + 1) / H) (Press et al.), (H,) or, with B, (B, H) with a
+    different scale per batch entry."""
+    slopes = torch.pow(2.0, -8.0 * torch.arange(1, H + 1) / H)
+    return slopes if B is None else slopes[None] * torch.linspace(0.5, 1.5, B)[:, None]

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import PARITY_CASES, assert_close_to_oracle, attention_arguments
+from helpers import MODIFIER_CASES, PARITY_CASES, assert_close_to_oracle, attention_arguments
 
 import fastattn
 from fastattn.features import Features
@@ -67,6 +67,13 @@ def _double_mask(kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
 def test_cpu_backward_parity(case, dtype):
+    _check_grads(f"cpu {case.id}", case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
+def test_cpu_backward_modifiers(case, dtype):
+    """Windows, softcaps and ALiBi through the PyTorch backward; a float mask gets its gradient too."""
     _check_grads(f"cpu {case.id}", case, dtype, "cpu")
 
 

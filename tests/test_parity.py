@@ -19,7 +19,16 @@ import itertools
 
 import pytest
 import torch
-from helpers import HEAD_DIMS, LENGTHS, PARITY_CASES, Case, attention_arguments, check_against_reference, sweep_cases
+from helpers import (
+    HEAD_DIMS,
+    LENGTHS,
+    MODIFIER_CASES,
+    PARITY_CASES,
+    Case,
+    attention_arguments,
+    check_against_reference,
+    sweep_cases,
+)
 
 import fastattn
 from fastattn.dispatch import unsupported_reasons
@@ -54,6 +63,13 @@ def run_case(case: Case, backend: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("case", PARITY_CASES, ids=[c.id for c in PARITY_CASES])
 def test_parity(case, backend, dtype):
+    run_case(case, backend, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
+def test_modifier_parity(case, backend, dtype):
+    """Sliding windows, softcaps and ALiBi on every backend against the float64 reference."""
     run_case(case, backend, dtype)
 
 

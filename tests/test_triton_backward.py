@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARITY_CASES, Case, assert_close_to_oracle, attention_arguments, make_mask, make_qkv
+from helpers import (
+    MODIFIER_CASES,
+    PARITY_CASES,
+    Case,
+    assert_close_to_oracle,
+    attention_arguments,
+    make_mask,
+    make_qkv,
+)
 
 import fastattn
 from fastattn import reference
@@ -62,6 +70,8 @@ def _to_device(q, k, v, kwargs):
     mask = kwargs.get("attn_mask")
     if type(mask) is torch.Tensor:
         kwargs = dict(kwargs, attn_mask=mask.to(DEVICE))
+    if kwargs.get("alibi_slopes") is not None:
+        kwargs = dict(kwargs, alibi_slopes=kwargs["alibi_slopes"].to(DEVICE))
     return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), kwargs
 
 
@@ -113,6 +123,14 @@ def check_grads(name, case_or_args, dtype, with_dlse=False, config=None):
 @pytest.mark.parametrize("case", BACKWARD_CASES, ids=[c.id for c in BACKWARD_CASES])
 def test_backward_parity(case: Case, dtype):
     check_grads(f"{case.id} {dtype}", attention_arguments(case, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
+def test_backward_modifiers(case: Case, dtype):
+    """Windows (block ranges that skip the blocks outside the band), softcap's chain rule and ALiBi
+    in the dK/dV and dQ kernels."""
+    check_grads(f"{case.id} {dtype}", attention_arguments(case, dtype), dtype, with_dlse=True)
 
 
 LSE_CASES = [

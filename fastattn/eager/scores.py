@@ -65,6 +65,8 @@ def key_bounds(f: Features, first_row, last_row, S: int):
     if f.window_lo is not None:
         lo = _clamp(first_row + f.window_lo, 0, S)
         full_lo = _clamp(last_row + f.window_lo, 0, S)
+        if f.causal_offset is not None and f.window_lo > f.causal_offset:  # an empty band: no key at all
+            lo = hi = full_lo = full_hi = 0
     return lo, hi, full_lo, full_hi
 
 
