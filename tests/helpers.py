@@ -249,7 +249,7 @@ PARITY_CASES = [
 # both causal alignments, L != S, ragged lengths, E != Ev and rows the window empties.
 MODIFIER_CASES = [
     Case(65, 65, 64, Hq=2, Hkv=2, window=(15, 0)),  # Mistral's causal window of 16 keys
-    Case(63, 129, 32, Hq=4, Hkv=2, window=(20, 0)),  # bottom-right aligned, L < S, GQA
+    Case(63, 129, 32, Hq=4, Hkv=2, window=(20, 0), layout="blhd"),  # bottom-right aligned, L < S, GQA
     Case(129, 63, 40, 16, Hq=2, Hkv=1, window=(7, 3)),  # L > S: the first rows see no key; MQA
     Case(64, 64, 16, window=(0, 0)),  # only the aligned diagonal
     Case(17, 7, 32, Hq=2, Hkv=2, window=(2, 1), causal="tl"),  # intersected with top-left causal
@@ -259,7 +259,7 @@ MODIFIER_CASES = [
     Case(40, 90, 16, Hq=2, Hkv=2, window=(5, -1)),  # left edge only
     Case(65, 64, 80, Hq=2, Hkv=2, softcap=50.0, large=True),  # Gemma 2's cap on scores ~1e3
     Case(63, 65, 64, Hq=2, Hkv=2, softcap=1.0, causal="br"),
-    Case(33, 47, 96, 64, Hq=4, Hkv=2, alibi="h", causal="tl"),
+    Case(33, 47, 96, 64, Hq=4, Hkv=2, alibi="h", causal="tl", layout="bhdl"),
     Case(64, 127, 64, B=2, Hq=2, Hkv=2, alibi="bh", mask="float_1hls"),
     Case(100, 100, 64, B=2, Hq=4, Hkv=2, window=(24, 0), softcap=30.0, alibi="bh", mask="float_b11s", nan_pad=1),
     Case(1, 100, 64, Hq=2, Hkv=2, window=(31, 0), softcap=20.0, alibi="h"),  # one decoding step

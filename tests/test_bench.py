@@ -17,9 +17,9 @@ from fastattn.bench import __main__ as cli
 from fastattn.bench import readme, report
 from fastattn.bench.gate import GATE_MAX_SCORES, check
 from fastattn.bench.progress import Progress
-from fastattn.bench.providers import PROVIDERS, Provider, available_providers, default_providers
+from fastattn.bench.providers import PROVIDERS, Provider, available_providers, default_providers, sdpa_mask
 from fastattn.bench.runner import Row, Settings, classify, measure, run_sweep, with_speedups
-from fastattn.bench.sweep import Case, attention_flops, sweep_cases
+from fastattn.bench.sweep import Case, attention_flops, sweep_cases, window_scores
 from fastattn.bench.timing import Timing, peak_memory_bytes, summarize
 
 TINY = Case("mha", torch.float32, 1, 2, 2, 32, 32, 16, causal=True)
@@ -83,8 +83,55 @@ def test_default_cuda_sweep_has_the_papers_shapes_gqa_and_long_context():
 
 def test_axis_overrides_replace_every_family_and_seqlens_drop_long_context():
     cases = sweep_cases("cpu", dtypes=(torch.bfloat16,), seqlens=(64, 128), head_dims=(32,), causal=(True,))
-    assert cases and {c.family for c in cases} == {"mha", "gqa"}
+    assert cases and {c.family for c in cases} == {"mha", "gqa", "window", "softcap", "alibi"}
     assert {(c.dtype, c.L, c.D, c.causal) for c in cases} == {(torch.bfloat16, L, 32, True) for L in (64, 128)}
+
+
+def test_modifier_families_follow_the_models():
+    cuda = {c.family: c for c in sweep_cases("cuda")}
+    assert cuda["window"].window == 4096 and {c.L for c in sweep_cases("cuda", families=("window",))} == {16384, 32768}
+    assert cuda["softcap"].softcap == 50.0 and cuda["alibi"].alibi
+    cpu = sweep_cases("cpu", families=("window",))
+    assert {(c.L, c.window) for c in cpu} == {(4096, 512), (16384, 512)}
+    assert "window512" in cpu[0].label and cpu[0].attention_kwargs("cpu") == {"window_size": (511, 0)}
+    with pytest.raises(ValueError, match="families"):
+        sweep_cases("cpu", families=("nope",))
+
+
+def test_window_flops_count_the_band_exactly():
+    assert window_scores(4, 4, 2) == 1 + 2 + 2 + 2
+    assert window_scores(3, 5, 10) == 3 + 4 + 5  # wider than S: bottom-right causal
+    assert window_scores(5, 2, 1) == 2  # L > S: the first rows see no key
+    flops = attention_flops(1, 2, 8, 8, 16, True, "fwd", window=3)
+    assert flops == 4 * 2 * 16 * window_scores(8, 8, 3)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case("window", torch.float32, 1, 2, 1, 40, 40, 16, True, window=9),
+        Case("alibi", torch.float32, 2, 2, 2, 24, 24, 16, True, alibi=True),
+        Case("mix", torch.float32, 1, 2, 2, 30, 30, 16, True, window=7, alibi=True),
+    ],
+    ids=["window", "alibi", "window-alibi"],
+)
+def test_sdpa_mask_expresses_the_modifiers(case):
+    """The mask SDPA gets for a window or ALiBi gives fastattn's answer, and its rows pass the gate."""
+    q, k, v = case.inputs("cpu", 0)
+    want = PROVIDERS["fastattn"].make(case, "cpu")(q, k, v)
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(case, "cpu"), enable_gqa=case.gqa)
+    torch.testing.assert_close(got, want)
+    for name in ("fastattn", "sdpa", "reference"):
+        row = measure(PROVIDERS[name], case, "bwd", FAST)
+        assert row.status == "ok", row
+    assert "materialised" in measure(PROVIDERS["sdpa"], case, "fwd", FAST).note
+
+
+def test_sdpa_has_no_softcap_row():
+    case = Case("softcap", torch.float32, 1, 2, 2, 32, 32, 16, True, softcap=5.0)
+    row = measure(PROVIDERS["sdpa"], case, "fwd", FAST)
+    assert row.status == "unsupported" and "softcap" in row.reason
+    assert measure(PROVIDERS["fastattn"], case, "fwd", FAST).status == "ok"
 
 
 def test_reduced_case_keeps_what_selects_the_kernel():
@@ -329,10 +376,11 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "## mha · fp32" in out and "## gqa · fp32" in out and "## Summary: fastattn vs SDPA" in out
+    assert "## window · fp32" in out and "window64" in out
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["meta"]["command"] == "python -m fastattn.bench " + " ".join(argv)
     rows = data["rows"]
-    assert len(rows) == 2 * 2 * 2  # cases (mha, gqa) x modes x providers
+    assert len(rows) == 3 * 2 * 2  # cases (mha, gqa, window) x modes x providers
     assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), [r for r in rows if r["status"] != "ok"]
     assert all(r["speedup_vs_sdpa"] for r in rows if r["provider"] == "fastattn")
     assert (tmp_path / "results.md").read_text().startswith("# fastattn benchmark")

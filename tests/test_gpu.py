@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import PARITY_CASES, assert_close_to_oracle, attention_arguments, check_against_reference
+from helpers import MODIFIER_CASES, PARITY_CASES, assert_close_to_oracle, attention_arguments, check_against_reference
 
 import fastattn
 from fastattn import reference
@@ -58,6 +58,40 @@ def test_gpu_parity(case, dtype):
     out, lse = fastattn.attention(qc, kc, vc, **kwc, return_lse=True, backend="triton")
     torch.cuda.synchronize()
     check_against_reference(f"cuda {case.id} {dtype}", out.cpu(), lse.cpu(), q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
+def test_gpu_modifier_parity(case, dtype):
+    """Sliding windows, softcaps and ALiBi compiled, bf16 included (the interpreter cannot check it)."""
+    q, k, v, kwargs, (qc, kc, vc, kwc) = _cuda_args(case, DTYPES[dtype])
+    out, lse = fastattn.attention(qc, kc, vc, **kwc, return_lse=True, backend="triton")
+    torch.cuda.synchronize()
+    check_against_reference(f"cuda {case.id} {dtype}", out.cpu(), lse.cpu(), q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("window", [(4095, 0), (255, 255)], ids=["mistral-4096", "local-511"])
+def test_gpu_window_at_training_size_matches_sdpa_with_a_mask(dtype, window):
+    """B=1, H=16/4kv, L=S=8192, D=128: the window against SDPA given the materialised band (float32
+    oracle, SDPA in the same low precision as the baseline), forward and the three gradients."""
+    dt = DTYPES[dtype]
+    q, k, v = (torch.randn(1, h, 8192, 128, device="cuda", dtype=dt, requires_grad=True) for h in (16, 4, 4))
+    i = torch.arange(8192, device="cuda")[:, None]
+    j = torch.arange(8192, device="cuda")[None, :]
+    band = (j >= i - window[0]) & (j <= i + window[1])
+    out = fastattn.attention(q, k, v, window_size=window, enable_gqa=True)
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    oracle = F.scaled_dot_product_attention(*leaves, attn_mask=band, enable_gqa=True)
+    baseline = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
+    name = f"L8192 window{window} {dtype}"
+    assert_close_to_oracle(f"{name} out", out.float(), oracle, baseline.float(), dtype=dt)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(oracle, leaves, dout.float())
+    base = torch.autograd.grad(baseline, (q, k, v), dout)
+    for label, g, o, b in zip(("dq", "dk", "dv"), got, want, base):
+        assert_close_to_oracle(f"{name} {label}", g.float(), o, b.float(), dtype=dt, ratio=3.0)
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])

@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seqlens", type=_list(int), help="comma list of L = S (replaces the sweep's; drops long context)"
     )
     parser.add_argument("--head-dims", type=_list(int), help="comma list of head dims D (default: the sweep's)")
+    parser.add_argument(
+        "--families",
+        type=_list(str),
+        help="comma list of the sweep's families to run (mha, gqa, long, window, softcap, alibi; default: all)",
+    )
     parser.add_argument("--causal", choices=tuple(CAUSAL), help="causal cases: yes, no or both (default: the sweep's)")
     parser.add_argument(
         "--providers",
@@ -113,14 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--providers: {', '.join(unknown)} not available on {device} (available: {', '.join(available)})"
             )
     dtypes = None if args.dtype is None else tuple(DTYPES[d] for d in args.dtype)
-    cases = sweep_cases(
-        device,
-        args.quick,
-        dtypes=dtypes,
-        seqlens=args.seqlens,
-        head_dims=args.head_dims,
-        causal=None if args.causal is None else CAUSAL[args.causal],
-    )
+    try:
+        cases = sweep_cases(
+            device,
+            args.quick,
+            dtypes=dtypes,
+            seqlens=args.seqlens,
+            head_dims=args.head_dims,
+            causal=None if args.causal is None else CAUSAL[args.causal],
+            families=args.families,
+        )
+    except ValueError as e:
+        parser.error(f"--families: {e}")
+    if not cases:
+        parser.error("the options leave no case to run")
     settings = Settings(
         device=device,
         modes=args.modes,

@@ -66,7 +66,8 @@ def _expected(small: Case, grad: bool, device: str):
     """(inputs, do, oracle, baseline) for the gate's fresh inputs of `small`."""
     q, k, v = small.inputs(device, GATE_SEED)
     do = small.inputs(device, GATE_SEED + 1)[0] if grad else None
-    ref = lambda q, k, v: reference.attention(q, k, v, is_causal=small.causal, enable_gqa=small.gqa)
+    kwargs = small.attention_kwargs(device)
+    ref = lambda q, k, v: reference.attention(q, k, v, is_causal=small.causal, enable_gqa=small.gqa, **kwargs)
     oracle = _forward_and_grads(ref, q.double(), k.double(), v.double(), None if do is None else do.double())
     baseline = _forward_and_grads(ref, q, k, v, do)
     return (q, k, v), do, oracle, baseline

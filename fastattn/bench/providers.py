@@ -7,6 +7,11 @@ correctness check included, runs inside (SDPA's backend pinning). Backward is ti
 autograd on that same call, so a provider gains backward rows the day its forward becomes
 differentiable: until then its forward raises for inputs that require grad and the row says why.
 
+Score modifiers (sliding window, softcap, ALiBi): fastattn and the reference take them as
+arguments; FlexAttention gets a mask_mod for the window and a score_mod for softcap and ALiBi;
+SDPA can express a window and ALiBi only through a materialised (1, Hq or 1, L, S) mask, built
+outside the timed call (the row's note says so), and a softcap not at all ("unsupported").
+
 | name | what | devices |
 | --- | --- | --- |
 | fastattn | ``fastattn.attention`` (backend "auto": the Triton kernel on CUDA, the fallback on CPU) | cpu, cuda |
@@ -16,7 +21,7 @@ differentiable: until then its forward raises for inputs that require grad and t
 | sdpa-efficient | SDPA pinned to EFFICIENT_ATTENTION (memory-efficient, xformers') | cuda |
 | sdpa-cudnn | SDPA pinned to CUDNN_ATTENTION | cuda |
 | sdpa-math | SDPA pinned to MATH (the composite of matmuls and softmax) | cpu, cuda |
-| flex | ``torch.compile(flex_attention)`` with a causal block mask | where torch has it |
+| flex | ``torch.compile(flex_attention)`` with a block mask (causal, window), a score_mod (softcap, ALiBi) | where torch has it |
 | reference | ``fastattn.reference.attention`` in the inputs' dtype (full score matrix) | cpu, cuda |
 """
 
@@ -74,24 +79,57 @@ class Provider:
 
 def _fastattn(backend: str) -> Callable[[Case, str], Call]:
     def make(case: Case, device: str) -> Call:
-        return lambda q, k, v: fastattn.attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa, backend=backend)
+        kwargs = case.attention_kwargs(device)
+        return lambda q, k, v: fastattn.attention(
+            q, k, v, is_causal=case.causal, enable_gqa=case.gqa, backend=backend, **kwargs
+        )
 
     return make
 
 
 def _fastattn_choice(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
-    problem = canonicalize(q, k, v, is_causal=case.causal, enable_gqa=case.gqa)
+    kwargs = case.attention_kwargs(str(q.device))
+    problem = canonicalize(q, k, v, is_causal=case.causal, enable_gqa=case.gqa, **kwargs)
     return f"auto -> {dispatch.choose_backend('auto', problem).name}"
 
 
+@functools.lru_cache(maxsize=1)
+def sdpa_mask(case: Case, device: str) -> torch.Tensor | None:
+    """The mask SDPA needs to express a window or ALiBi: bool (1, 1, L, S) for a window alone, else
+    an additive (1, Hq, L, S) bias of the case's dtype (-inf outside the causal band). None when
+    the case has neither (SDPA's is_causal serves plain causal cases)."""
+    if not (case.window or case.alibi):
+        return None
+    i = torch.arange(case.L, device=device)[:, None] + (case.S - case.L)
+    j = torch.arange(case.S, device=device)[None, :]
+    keep = torch.ones(case.L, case.S, dtype=torch.bool, device=device)
+    if case.causal or case.window:
+        keep &= j <= i
+    if case.window:
+        keep &= j > i - case.window
+    if not case.alibi:
+        return keep[None, None]
+    slopes = case.attention_kwargs(device)["alibi_slopes"]
+    bias = -slopes[:, None, None] * (i - j).abs()[None].float()
+    return bias.masked_fill(~keep, float("-inf")).to(case.dtype)[None]
+
+
 def _sdpa(case: Case, device: str) -> Call:
+    if case.softcap:
+        raise NotImplementedError("SDPA has no softcap (it applies no function to the scores)")
+    mask = sdpa_mask(case, device)
+    if mask is not None:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=case.gqa)
     return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa)
 
 
 def _sdpa_choice(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     # A private call, but the one SDPA itself uses to pick; it names no backend for nested tensors.
-    picked = torch._fused_sdp_choice(q, k, v, None, 0.0, case.causal, enable_gqa=case.gqa)
-    return f"picks {_SDPA_CHOICE_NAMES.get(picked, str(picked))}"
+    mask = sdpa_mask(case, str(q.device))
+    causal = case.causal and mask is None
+    picked = torch._fused_sdp_choice(q, k, v, mask, 0.0, causal, enable_gqa=case.gqa)
+    note = "materialised (L, S) mask; " if mask is not None else ""
+    return f"{note}picks {_SDPA_CHOICE_NAMES.get(picked, str(picked))}"
 
 
 @functools.cache
@@ -112,14 +150,32 @@ def _flex(case: Case, device: str) -> Call:
     from torch.nn.attention.flex_attention import create_block_mask
 
     block_mask = None
-    if case.causal:
+    if case.window:
+        w = case.window
+        block_mask = create_block_mask(
+            lambda b, h, i, j: (j <= i) & (i - j < w), None, None, case.L, case.S, device=device
+        )
+    elif case.causal:
         block_mask = create_block_mask(lambda b, h, i, j: j <= i, None, None, case.L, case.S, device=device)
+    score_mod = None
+    if case.softcap or case.alibi:
+        cap = case.softcap
+        slopes = case.attention_kwargs(device).get("alibi_slopes")
+
+        def score_mod(score, b, h, i, j):
+            if cap:
+                score = cap * torch.tanh(score / cap)
+            if slopes is not None:
+                score = score - slopes[h] * (i - j).abs()
+            return score
+
     flex = _compiled_flex_attention()
-    return lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=case.gqa)
+    return lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=case.gqa)
 
 
 def _reference(case: Case, device: str) -> Call:
-    return lambda q, k, v: reference.attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa)
+    kwargs = case.attention_kwargs(device)
+    return lambda q, k, v: reference.attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa, **kwargs)
 
 
 def _pinned(name: str, devices: tuple[str, ...], what: str, **kwargs) -> Provider:

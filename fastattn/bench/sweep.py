@@ -10,6 +10,11 @@ point of a plot does about the same work per token:
 * CPU: the same families scaled to finish in about 3 minutes on 2 idle cores (B*L = 2048,
   Hq*D = 512, L = 512..2048, float32; GQA 8/2 heads; one 4k-token causal case).
 
+Score modifiers have families of their own, shaped after the models that use them: "window"
+(Mistral: a causal sliding window of 4096 keys at 16k-32k tokens on CUDA; 512 keys at 4k and 16k
+on CPU, where its cost must grow with L, not L^2), "softcap" (Gemma 2: softcap 50, D = 256 on CUDA)
+and "alibi" (BLOOM: ALiBi slopes, MHA).
+
 ``--quick`` shrinks both to a sweep of seconds (CPU) or a minute (CUDA).
 """
 
@@ -26,24 +31,48 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 
-def attention_flops(B: int, H: int, L: int, S: int, D: int, causal: bool, mode: str) -> float:
+def window_scores(L: int, S: int, window: int) -> int:
+    """Scores per head inside a causal window of `window` keys ending at each query (bottom-right
+    aligned: query i sees keys i + S - L - window + 1 .. i + S - L), counted exactly."""
+    total = 0
+    for i in range(L):
+        hi = min(S - 1, i + S - L)
+        lo = max(0, i + S - L - window + 1)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def attention_flops(B: int, H: int, L: int, S: int, D: int, causal: bool, mode: str, window: int = 0) -> float:
     """Floating-point operations of attention by the usual convention.
 
     Forward: 4*B*H*L*S*D (two matmuls, QK^T and PV, of 2*L*S*D each per head), halved when causal
-    (whatever L and S are); backward: 2.5x the forward; fwd+bwd: 3.5x. H counts query heads.
+    (whatever L and S are); with a sliding window of `window` keys, 4*B*H*D times the scores inside
+    the band (:func:`window_scores`), the work a kernel that skips the rest does; backward: 2.5x
+    the forward; fwd+bwd: 3.5x. H counts query heads.
     """
-    forward = 4.0 * B * H * L * S * D
-    if causal:
-        forward /= 2
+    if window:
+        forward = 4.0 * B * H * D * window_scores(L, S, window)
+    else:
+        forward = 4.0 * B * H * L * S * D
+        if causal:
+            forward /= 2
     return forward * MODE_FLOP_FACTOR[mode]
+
+
+def alibi_slopes(H: int, device: str = "cpu") -> torch.Tensor:
+    """ALiBi's geometric slopes 2^(-8 (h + 1) / H) (Press et al.), float32 (H,)."""
+    return torch.pow(2.0, -8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)
 
 
 @dataclass(frozen=True)
 class Case:
     """One problem: query (B, Hq, L, D), key and value (B, Hkv, S, D); Hq is a multiple of Hkv.
 
-    family names its group in the sweep ("mha", "gqa", "long"); the configuration (family, dtype,
-    heads, D, causal) is everything but B, L and S: one plot line runs over L within it.
+    family names its group in the sweep ("mha", "gqa", "long", "window", "softcap", "alibi"); the
+    configuration (family, dtype, heads, D, causal, modifiers) is everything but B, L and S: one
+    plot line runs over L within it. Modifiers: window > 0, a causal sliding window of that many
+    keys (window_size=(window - 1, 0)); softcap > 0; alibi, the geometric slopes of
+    :func:`alibi_slopes`.
     """
 
     family: str
@@ -55,6 +84,28 @@ class Case:
     S: int
     D: int
     causal: bool
+    window: int = 0
+    softcap: float = 0.0
+    alibi: bool = False
+
+    @property
+    def modifiers(self) -> list[str]:
+        """E.g. ["window4096", "softcap50", "alibi"]."""
+        out = [f"window{self.window}"] if self.window else []
+        if self.softcap:
+            out.append(f"softcap{self.softcap:g}")
+        return out + (["alibi"] if self.alibi else [])
+
+    def attention_kwargs(self, device: str) -> dict:
+        """fastattn's keyword arguments for the modifiers (window_size, softcap, alibi_slopes)."""
+        kwargs: dict = {}
+        if self.window:
+            kwargs["window_size"] = (self.window - 1, 0)
+        if self.softcap:
+            kwargs["softcap"] = self.softcap
+        if self.alibi:
+            kwargs["alibi_slopes"] = alibi_slopes(self.Hq, device)
+        return kwargs
 
     @property
     def scores(self) -> int:
@@ -73,16 +124,16 @@ class Case:
     def label(self) -> str:
         """E.g. "bf16 B8 H32/8kv L2048 S2048 D128 causal"."""
         parts = [DTYPE_NAMES[self.dtype], f"B{self.B}", self.heads, f"L{self.L}", f"S{self.S}", f"D{self.D}"]
-        return " ".join(parts + (["causal"] if self.causal else []))
+        return " ".join(parts + (["causal"] if self.causal else []) + self.modifiers)
 
     @property
     def config(self) -> str:
         """E.g. "gqa bf16 H32/8kv D128 causal": the case without B, L and S."""
         parts = [self.family, DTYPE_NAMES[self.dtype], self.heads, f"D{self.D}"]
-        return " ".join(parts + (["causal"] if self.causal else []))
+        return " ".join(parts + (["causal"] if self.causal else []) + self.modifiers)
 
     def flops(self, mode: str) -> float:
-        return attention_flops(self.B, self.Hq, self.L, self.S, self.D, self.causal, mode)
+        return attention_flops(self.B, self.Hq, self.L, self.S, self.D, self.causal, mode, self.window)
 
     def inputs(
         self, device: str, seed: int, requires_grad: bool = False
@@ -122,15 +173,19 @@ class Family:
     dtypes: tuple[torch.dtype, ...]
     hidden: int = 0  # Hq * D, for families whose head count follows the head dim
     heads: tuple[int, int] | None = None  # (Hq, Hkv), for families with fixed heads
+    window: int = 0  # the modifiers of every case (see Case)
+    softcap: float = 0.0
+    alibi: bool = False
 
     def cases(self) -> list[Case]:
         out = []
+        mods = dict(window=self.window, softcap=self.softcap, alibi=self.alibi)
         for dtype in self.dtypes:
             for D in self.head_dims:
                 Hq, Hkv = self.heads or (max(1, self.hidden // D),) * 2
                 for causal in self.causal:
                     for L in self.seqlens:
-                        out.append(Case(self.name, dtype, max(1, self.tokens // L), Hq, Hkv, L, L, D, causal))
+                        out.append(Case(self.name, dtype, max(1, self.tokens // L), Hq, Hkv, L, L, D, causal, **mods))
         return out
 
 
@@ -139,27 +194,36 @@ def default_families(device: str, quick: bool) -> list[Family]:
     both = (False, True)
     if device == "cuda":
         half = (torch.bfloat16, torch.float16)
+        bf16 = (torch.bfloat16,)
         if quick:
             return [
-                Family("mha", 8192, (512, 2048), (64, 128), both, (torch.bfloat16,), hidden=2048),
-                Family("gqa", 8192, (2048,), (128,), (True,), (torch.bfloat16,), heads=(32, 8)),
+                Family("mha", 8192, (512, 2048), (64, 128), both, bf16, hidden=2048),
+                Family("gqa", 8192, (2048,), (128,), (True,), bf16, heads=(32, 8)),
+                Family("window", 16384, (16384,), (128,), (True,), bf16, heads=(32, 8), window=4096),
             ]
         seqlens = (512, 1024, 2048, 4096, 8192, 16384)
         return [
             Family("mha", 16384, seqlens, (64, 128, 256), both, half, hidden=2048),
-            Family("gqa", 16384, seqlens, (128,), both, (torch.bfloat16,), heads=(32, 8)),
-            Family("long", 1, (32768, 65536, 131072), (128,), (True,), (torch.bfloat16,), heads=(32, 8)),
+            Family("gqa", 16384, seqlens, (128,), both, bf16, heads=(32, 8)),
+            Family("long", 1, (32768, 65536, 131072), (128,), (True,), bf16, heads=(32, 8)),
+            Family("window", 16384, (16384, 32768), (128,), (True,), bf16, heads=(32, 8), window=4096),
+            Family("softcap", 16384, (4096, 8192), (256,), (True,), bf16, heads=(16, 8), softcap=50.0),
+            Family("alibi", 16384, (2048, 8192), (128,), (True,), bf16, heads=(16, 16), alibi=True),
         ]
     f32 = (torch.float32,)
     if quick:
         return [
             Family("mha", 512, (128, 256), (64,), both, f32, hidden=128),
             Family("gqa", 512, (256,), (64,), (True,), f32, heads=(4, 1)),
+            Family("window", 512, (512,), (64,), (True,), f32, heads=(2, 1), window=64),
         ]
     return [
         Family("mha", 2048, (512, 1024, 2048), (64, 128), both, f32, hidden=512),
         Family("gqa", 2048, (512, 2048), (64,), (True,), f32, heads=(8, 2)),
         Family("long", 1, (4096,), (64,), (True,), f32, heads=(8, 2)),
+        Family("window", 1, (4096, 16384), (64,), (True,), f32, heads=(4, 1), window=512),
+        Family("softcap", 2048, (1024,), (64,), (True,), f32, heads=(8, 4), softcap=50.0),
+        Family("alibi", 2048, (1024,), (64,), (True,), f32, heads=(8, 8), alibi=True),
     ]
 
 
@@ -171,14 +235,21 @@ def sweep_cases(
     seqlens: tuple[int, ...] | None = None,
     head_dims: tuple[int, ...] | None = None,
     causal: tuple[bool, ...] | None = None,
+    families: tuple[str, ...] | None = None,
 ) -> list[Case]:
     """The cases of the default sweep, with any of its axes replaced.
 
     Each given axis replaces that axis in every family. Giving seqlens drops the "long" family,
     whose lengths are what define it; giving head_dims keeps the hidden size (Hq * D) of the
-    families that have one and the fixed heads of the others.
+    families that have one and the fixed heads of the others. families: keep only these (by name).
     """
+    chosen = families
     families = default_families(device, quick)
+    if chosen is not None:
+        unknown = set(chosen) - {f.name for f in families}
+        if unknown:
+            raise ValueError(f"families {sorted(unknown)} are not in the {device} sweep ({[f.name for f in families]})")
+        families = [f for f in families if f.name in chosen]
     if seqlens is not None:
         families = [replace(f, seqlens=seqlens) for f in families if f.name != "long"]
     for axis, value in (("dtypes", dtypes), ("head_dims", head_dims), ("causal", causal)):
