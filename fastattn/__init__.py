@@ -9,6 +9,6 @@ from . import reference
 from .dispatch import BACKENDS, BackendUnavailable, unsupported_reasons
 from .interface import attention
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"
 
 __all__ = ["attention", "reference", "BACKENDS", "BackendUnavailable", "unsupported_reasons", "__version__"]

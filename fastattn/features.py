@@ -1,8 +1,8 @@
 """The canonical description of what one attention call asks for, declared once.
 
-:class:`Features` holds every scalar property of a call beyond its tensors (q, k, v and the mask):
-today the scale, the causal diagonal and dropout_p; tomorrow sliding windows, softcaps, dropout
-seeds. Everything else reads it:
+:class:`Features` holds every scalar property of a call beyond its tensors (q, k, v, the mask and the
+ALiBi slopes): the scale, the band of visible keys (the causal diagonal and a sliding window's
+edges), the softcap and dropout_p. Everything else reads it:
 
 - the custom ops carry it as one ``int[]`` and one ``float[]`` argument (:meth:`Features.pack` /
   :meth:`Features.unpack`, generic over the fields), so the op schema, the fake kernels and
@@ -13,8 +13,9 @@ seeds. Everything else reads it:
   (``fused/kernels/common.py``), the launch constexprs and scalars (``fused/plumbing.py``) and the
   AOT variants (``fused/aot.py``) read the fields.
 
-Adding a score modifier (a sliding window, a softcap, ALiBi), the whole checklist (8 files,
-each a few lines, plus tests):
+Adding a score modifier, the whole checklist (8 files, each a few lines, plus tests; the sliding
+window and the softcap were added this way; ALiBi, a tensor, also needed a slot beside the mask in
+``problem.Problem``, the op schema (``ops.py``) and the launch plans):
 
 1. here: a field of :class:`Features` (an ``int``, ``int | None``, ``float`` or ``bool``: the op
    packing follows), its argument check in :func:`check_features`, and a :data:`FEATURES` entry
@@ -27,9 +28,10 @@ each a few lines, plus tests):
 4. ``fused/kernels/common.py``: the same maths in ``_score_step``, behind a constexpr; every
    kernel (forward, dQ, dK/dV in both orientations) computes its scores through it. A feature that
    hides keys by position (a sliding window) also narrows the block loops: ``_key_block_bounds``
-   there and ``_query_block_bounds`` in ``kernels/backward.py``. Its scalar and constexpr are
-   named in the top-level kernels' signatures and passed, by keyword, to the two step calls of
-   each kernel (Triton has no structs; see the note in ``fused/plumbing.py``);
+   there and ``_query_block_bounds`` in ``kernels/backward.py``. Its scalars are named in the
+   top-level kernels' signatures and join the one ``mods`` tuple (``common._mods``) the per-block
+   helpers pass on; its constexpr is still passed by keyword through the helpers to the two
+   step calls of each kernel (Triton has no structs; see the note in ``fused/plumbing.py``);
 5. ``fused/plumbing.py``: that constexpr and its scalars in ``feature_launch_args`` (the AOT
    tool types scalars from the values the launchers pass; floats must be annotated ``tl.float32``
    in the kernel signature, or the AOT refuses them);

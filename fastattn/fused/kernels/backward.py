@@ -126,12 +126,12 @@ def _dkdv_query_block(
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                      KEY_MAJOR=True)
         pT = tl.math.exp2(qkT - lse2[None, :])
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * cap_gradT
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=INPUT_PRECISION, out_dtype=dk.dtype)
     else:
         qk = _scaled(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale, qk_scale_lo)
         qk, cap_grad = _score_step(qk, M_cols + rows_q[:, None] * stride_mm + local_n[None, :] * stride_mn,
@@ -140,12 +140,12 @@ def _dkdv_query_block(
                                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                    KEY_MAJOR=False)
         p = tl.math.exp2(qk - lse2[:, None])
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION)
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * cap_grad
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=INPUT_PRECISION, out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -344,7 +344,7 @@ def _dq_key_block(
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * cap_grad
-    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION, out_dtype=dq.dtype)
     return dq
 
 

@@ -63,7 +63,8 @@ def _attend_kv_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+    # out_dtype: triton 3.6 defaults it to float32 and refuses a float64 accumulator; 3.9 takes acc's.
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     return acc, l_i, m_new
 
 
