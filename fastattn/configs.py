@@ -71,8 +71,9 @@ def _bucket(head_dim: int, head_dim_v: int) -> int:
 # (Hopper or newer, 16-bit inputs, head-dim bucket, tensor mask) -> (BLOCK_M, BLOCK_N, warps, stages).
 # Chosen as the largest tiles that compile without register spills (python -m fastattn.fused.aot, triton
 # 3.9; the tests re-check every entry). Masked kernels load a (BLOCK_M, BLOCK_N) mask tile and
-# convert its layout, which costs registers: they get narrower key blocks. Not yet tuned by timing
-# on a GPU.
+# convert its layout, which costs registers: they get narrower key blocks, and so do the score
+# modifiers' kernels (sliding window, softcap, ALiBi: fused.plumbing.masked_tiles), whose wider
+# tiles spilled. Not yet tuned by timing on a GPU.
 _FORWARD_TABLE = {
     (True, True, 64, False): (128, 128, 8, 3),
     (True, True, 64, True): (128, 32, 8, 3),
@@ -85,13 +86,13 @@ _FORWARD_TABLE = {
     (True, False, 128, False): (32, 32, 4, 3),
     (True, False, 128, True): (32, 32, 4, 3),
     (True, False, 256, False): (32, 32, 4, 3),
-    (True, False, 256, True): (32, 32, 4, 3),
+    (True, False, 256, True): (32, 16, 4, 3),
     (False, True, 64, False): (128, 128, 8, 2),
     (False, True, 64, True): (128, 32, 8, 2),
     (False, True, 128, False): (64, 32, 4, 2),
     (False, True, 128, True): (64, 32, 8, 2),
     (False, True, 256, False): (64, 32, 8, 2),
-    (False, True, 256, True): (64, 32, 8, 2),
+    (False, True, 256, True): (64, 16, 8, 2),
     (False, False, 64, False): (128, 32, 8, 2),
     (False, False, 64, True): (128, 32, 8, 2),
     (False, False, 128, False): (32, 32, 4, 2),
@@ -184,7 +185,8 @@ def _replace(kind: str, fn: Callable | None) -> None:
 def forward_config(
     head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
 ) -> TileConfig:
-    """The forward tiles the launcher uses (the built-in choice unless replaced); masked: a tensor attn_mask."""
+    """The forward tiles the launcher uses (the built-in choice unless replaced); masked: the scores
+    get element-wise work beyond causality (a tensor attn_mask or a score modifier)."""
     return _config("forward", head_dim, head_dim_v, dtype, capability, masked)
 
 

@@ -25,7 +25,7 @@ def plan_forward(
     dims = pl.head_dim_constexprs(p)
     if config is None:
         config = forward_config(
-            dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=p.mask is not None
+            dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p)
         )
     q, k, v = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     _, mask = pl.mask_operand(p)

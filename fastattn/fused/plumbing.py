@@ -170,6 +170,14 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
     return scalars, constexprs
 
 
+def masked_tiles(p: Problem) -> bool:
+    """Do the configs' `masked` tiles serve `p`? Their narrower key blocks leave registers for work
+    on every score beyond the causal check: a mask tile, a sliding window's lower edge, a softcap or
+    ALiBi (the wider tiles compile at the register limit without them; fused.aot's reports)."""
+    f = p.features
+    return p.mask is not None or f.window_lo is not None or f.softcap > 0.0 or p.alibi is not None
+
+
 def head_dim_constexprs(p: Problem) -> dict[str, object]:
     """The padded head dims and whether the real ones need checking."""
     head_dim, head_dim_v = padded_head_dim(p.head_dim), padded_head_dim(p.head_dim_v)
