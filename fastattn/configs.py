@@ -126,6 +126,18 @@ _BACKWARD_TABLE = {
     (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
 }
 
+# Where the table's dK/dV tile spills once the scores get element-wise work (a mask or a score
+# modifier: fused.plumbing.masked_tiles), the tile such calls take instead: the first tried that
+# compiles spill-free in every masked and modifier variant at the bucket's largest head dim
+# (python -m fastattn.fused.aot --tile ...; the rows that still spill at smaller head dims of the
+# bucket are in benchmarks/results/aot/backward_triton-3.9.md).
+_BACKWARD_MASKED_DKDV = {
+    (True, False, 64): (16, 64, 8, 3, True),
+    (True, False, 128): (16, 32, 4, 3, False),
+    (False, True, 64): (16, 64, 8, 2, True),
+    (False, False, 64): (16, 16, 4, 2, False),
+}
+
 # The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
 # tests' short sequences, and cost little.
 _INTERPRETER_TILE = TileConfig(32, 32, 4, 1)
@@ -144,11 +156,15 @@ def default_forward_config(
 def default_backward_config(
     head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
 ) -> BackwardConfig:
-    """The built-in backward choice (same arguments as the forward's). Its table has no masked key:
-    each entry was searched spill-free in every variant, masked ones included."""
+    """The built-in backward choice (same arguments as the forward's). Each table entry was searched
+    spill-free in every variant of the original kernels, masked ones included; masked (a mask or a
+    score modifier) takes _BACKWARD_MASKED_DKDV's dK/dV tile where there is one."""
     if capability is None:
         return BackwardConfig(_INTERPRETER_TILE, _INTERPRETER_TILE)
-    dkdv, dq = _BACKWARD_TABLE[(capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))]
+    key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))
+    dkdv, dq = _BACKWARD_TABLE[key]
+    if masked:
+        dkdv = _BACKWARD_MASKED_DKDV.get(key, dkdv)
     return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
 
 

@@ -4,8 +4,8 @@ interpreter cannot see (shared memory, registers, spills, tensor-core instructio
 Compilation needs triton's compiled flavour, so it runs in a subprocess with TRITON_INTERPRET=0
 (this process may have the interpreter on). The default run covers, for float16 and float32, every
 padded head dim with E == Ev of the forward in every variant, and the backward kernels at head dims
-64, 128, 256 in the main variants; `--runslow` adds bfloat16, every (E, Ev) pair and every
-backward variant.
+64, 128, 256 in the main variants, and the score modifiers' variants; `--runslow` adds bfloat16,
+every (E, Ev) pair and every backward variant.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def _check_spill_free(rows: list[dict]) -> None:
 
 
 FORWARD_VARIANTS = "plain,causal,ragged,causal-ragged,bool-mask,padded-dims,bool-mask-ragged,float-mask-causal"
+# The slow runs: every variant but large-offsets (reported by its own test).
+SPILL_FREE_VARIANTS = (
+    FORWARD_VARIANTS + ",window,window-ragged,window-bool-mask,softcap-causal,alibi-causal,softcap-alibi-window"
+)
 
 
 def test_every_dispatched_forward_config_compiles():
@@ -70,6 +74,22 @@ def test_backward_kernels_compile_for_sm80_sm90():
         "--variants", "plain,causal-ragged,bool-mask-ragged,float-mask-causal",
     )  # fmt: skip
     _check_spill_free([r for r in rows if r["head_dim"] < 256])
+
+
+MODIFIER_VARIANTS = "window-ragged,window-bool-mask,softcap-alibi-window"
+
+
+def test_modifier_variants_compile_spill_free():
+    """The score modifiers' kernels (a window's gap-skipping ranges with ragged lengths, a window
+    with a mask's block lists, softcap + ALiBi + window at once), forward at every bucket's head
+    dim and backward at 64 and 128, fp16 and fp32: no spills, shared memory fits."""
+    forward = _compile(
+        "--kernels", "forward", "--dtypes", "fp16,fp32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS
+    )  # fmt: skip
+    backward = _compile(
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
+    )  # fmt: skip
+    _check_spill_free(forward + backward)
 
 
 def test_large_offsets_variants_compile():
@@ -104,10 +124,10 @@ def test_an_unannotated_float_argument_is_refused():
 
 @pytest.mark.slow
 def test_every_dispatched_config_compiles_all_pairs_and_variants():
-    _check_spill_free(_compile("--kernels", "forward", "--all-pairs", "--variants", FORWARD_VARIANTS))
+    _check_spill_free(_compile("--kernels", "forward", "--all-pairs", "--variants", SPILL_FREE_VARIANTS))
 
 
 @pytest.mark.slow
 def test_backward_kernels_compile_all_variants():
-    rows = _compile("--kernels", "dkdv,dq,preprocess", "--variants", FORWARD_VARIANTS)
+    rows = _compile("--kernels", "dkdv,dq,preprocess", "--variants", SPILL_FREE_VARIANTS)
     _check_spill_free([r for r in rows if r["head_dim"] < 256])
