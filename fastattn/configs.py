@@ -98,7 +98,7 @@ _FORWARD_TABLE = {
     (False, False, 128, False): (32, 32, 4, 2),
     (False, False, 128, True): (64, 32, 8, 2),
     (False, False, 256, False): (32, 32, 4, 2),
-    (False, False, 256, True): (32, 16, 4, 2),
+    (False, False, 256, True): (16, 16, 4, 2),
 }
 
 
