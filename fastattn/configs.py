@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -126,16 +127,16 @@ _BACKWARD_TABLE = {
     (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
 }
 
-# Where the table's dK/dV tile spills once the scores get element-wise work (a mask or a score
-# modifier: fused.plumbing.masked_tiles), the tile such calls take instead: the first tried that
-# compiles spill-free in every masked and modifier variant at the bucket's largest head dim
-# (python -m fastattn.fused.aot --tile ...; the rows that still spill at smaller head dims of the
-# bucket are in benchmarks/results/aot/backward_triton-3.9.md).
-_BACKWARD_MASKED_DKDV = {
+# Where the table's dK/dV tile spills once a score modifier (sliding window, softcap, ALiBi:
+# fused.plumbing.modified_scores) is on, the tile such calls take instead: the first tried that
+# compiles spill-free in every modifier variant, and in the mask variants a modifier can come with,
+# at each padded head dim of the bucket (python -m fastattn.fused.aot --tile ...). Calls with a mask
+# alone keep the table's tile, searched spill-free for them.
+_BACKWARD_MODIFIED_DKDV = {
     (True, False, 64): (16, 64, 8, 3, True),
     (True, False, 128): (16, 32, 4, 3, False),
     (False, True, 64): (16, 64, 8, 2, True),
-    (False, False, 64): (16, 16, 4, 2, False),
+    (False, False, 64): (16, 16, 4, 2, True),
 }
 
 # The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
@@ -154,17 +155,23 @@ def default_forward_config(
 
 
 def default_backward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    masked: bool = False,
+    modified: bool = False,
 ) -> BackwardConfig:
-    """The built-in backward choice (same arguments as the forward's). Each table entry was searched
-    spill-free in every variant of the original kernels, masked ones included; masked (a mask or a
-    score modifier) takes _BACKWARD_MASKED_DKDV's dK/dV tile where there is one."""
+    """The built-in backward choice (the forward's arguments, plus modified: a score modifier is on).
+    Each table entry was searched spill-free in every variant of the mask-and-causal kernels, masked
+    ones included (masked changes nothing); modified takes _BACKWARD_MODIFIED_DKDV's dK/dV tile
+    where there is one."""
     if capability is None:
         return BackwardConfig(_INTERPRETER_TILE, _INTERPRETER_TILE)
     key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))
     dkdv, dq = _BACKWARD_TABLE[key]
-    if masked:
-        dkdv = _BACKWARD_MASKED_DKDV.get(key, dkdv)
+    if modified:
+        dkdv = _BACKWARD_MODIFIED_DKDV.get(key, dkdv)
     return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
 
 
@@ -188,8 +195,13 @@ _DEFAULTS: dict[str, Callable] = {"forward": default_forward_config, "backward":
 _chosen: dict[str, Callable] = dict(_DEFAULTS)
 
 
-def _config(kind: str, head_dim, head_dim_v, dtype, capability, masked):
-    return _chosen[kind](head_dim, head_dim_v, dtype, capability, masked=masked)
+def _config(kind: str, head_dim, head_dim_v, dtype, capability, masked, **more):
+    fn = _chosen[kind]
+    if more and fn is not _DEFAULTS[kind]:  # a user's function gets the keywords it declares
+        params = inspect.signature(fn).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            more = {k: v for k, v in more.items() if k in params}
+    return fn(head_dim, head_dim_v, dtype, capability, masked=masked, **more)
 
 
 def _replace(kind: str, fn: Callable | None) -> None:
@@ -207,10 +219,16 @@ def forward_config(
 
 
 def backward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    masked: bool = False,
+    modified: bool = False,
 ) -> BackwardConfig:
-    """The backward tiles the launcher uses (the built-in choice unless replaced)."""
-    return _config("backward", head_dim, head_dim_v, dtype, capability, masked)
+    """The backward tiles the launcher uses (the built-in choice unless replaced); masked: a tensor
+    attn_mask, modified: a score modifier (a replacement function gets `modified` if it declares it)."""
+    return _config("backward", head_dim, head_dim_v, dtype, capability, masked, modified=modified)
 
 
 def set_forward_config(fn: Callable[..., TileConfig] | None) -> None:

@@ -123,7 +123,9 @@ def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch:
     lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
     if kernel == "forward":
         return plan_forward(p, out, lse, tile, target)[0]  # tile None: the launcher's own config
-    config = backward_config(head_dim, head_dim_v, dtype, target.capability, masked=pl.masked_tiles(p))
+    config = backward_config(
+        head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p)
+    )
     if tile is not None:
         config = BackwardConfig(tile, config.dq) if kernel == "dkdv" else BackwardConfig(config.dkdv, tile)
     grads = tuple(torch.empty_like(t) for t in (p.q, p.k, p.v))

@@ -34,7 +34,12 @@ def plan_backward(
     dims = pl.head_dim_constexprs(p)
     if config is None:
         config = backward_config(
-            dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p)
+            dims["HEAD_DIM"],
+            dims["HEAD_DIM_V"],
+            p.dtype,
+            target.capability,
+            masked=p.mask is not None,
+            modified=pl.modified_scores(p),
         )
     dq, dk, dv = grads
     q, k, v, out, dout = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v, out, dout))

@@ -170,12 +170,17 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
     return scalars, constexprs
 
 
-def masked_tiles(p: Problem) -> bool:
-    """Do the configs' `masked` tiles serve `p`? Their narrower key blocks leave registers for work
-    on every score beyond the causal check: a mask tile, a sliding window's lower edge, a softcap or
-    ALiBi (the wider tiles compile at the register limit without them; fused.aot's reports)."""
+def modified_scores(p: Problem) -> bool:
+    """Does `p` use a score modifier: a sliding window's lower edge, a softcap or ALiBi?"""
     f = p.features
-    return p.mask is not None or f.window_lo is not None or f.softcap > 0.0 or p.alibi is not None
+    return f.window_lo is not None or f.softcap > 0.0 or p.alibi is not None
+
+
+def masked_tiles(p: Problem) -> bool:
+    """Do the forward configs' `masked` tiles serve `p`? Their narrower key blocks leave registers
+    for work on every score beyond the causal check: a mask tile or a score modifier (the wider
+    tiles compile at the register limit without them; fused.aot's reports)."""
+    return p.mask is not None or modified_scores(p)
 
 
 def head_dim_constexprs(p: Problem) -> dict[str, object]:
