@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ def _check_window(window_size) -> tuple[int, int]:
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
     for side, w in zip(("left", "right"), window_size):
-        if isinstance(w, bool) or not isinstance(w, int):
+        if isinstance(w, bool) or not isinstance(w, numbers.Integral):  # NumPy integers too
             raise TypeError(f"window_size {side} must be an int (-1 for unbounded), got {type(w).__name__}")
         if w < -1:
             raise ValueError(f"window_size {side} must be >= -1 (-1: unbounded), got {w}")
@@ -131,7 +132,7 @@ def _check_window(window_size) -> tuple[int, int]:
 
 
 def _check_softcap(softcap) -> float:
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # NumPy floats too
         raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if not (0.0 <= softcap < math.inf):  # also refuses NaN (comparisons only: dynamo traces them)
         raise ValueError(f"softcap must be finite and >= 0 (0: off), got {softcap}")

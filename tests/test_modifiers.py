@@ -538,3 +538,47 @@ def test_window_block_classes_match_brute_force(L, S, window, causal):
     want = _band_classes(L, S, 16, 32, f.window_lo, f.causal_offset)
     got = causal_block_classes(L, S, 16, 32, f, "cpu")  # (1, N) when nothing depends on the row
     assert torch.equal(got.expand(want.shape), want)
+
+
+def test_backward_config_hears_of_modifiers():
+    """The backward's config function is told when a score modifier is on (its built-in table has
+    tiles for that); a replacement gets `modified` only if it declares it."""
+    seen = []
+
+    def declares(head_dim, head_dim_v, dtype, capability, masked=False, modified=False):
+        seen.append(modified)
+        return BackwardConfig(TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1))
+
+    def older(head_dim, head_dim_v, dtype, capability, masked=False):
+        seen.append("older")
+        return BackwardConfig(TileConfig(16, 16, 4, 1), TileConfig(16, 16, 4, 1))
+
+    q, k, v = qkv(L=20, S=20, requires_grad=True)
+    try:
+        for fn in (declares, older):
+            configs.set_backward_config(fn)
+            for kwargs in ({}, {"window_size": (3, 0)}, {"softcap": 2.0}):
+                out = fastattn.attention(q, k, v, backend="triton", **kwargs)
+                torch.autograd.grad(out.sum(), (q, k, v))
+    finally:
+        configs.set_backward_config(None)
+    assert seen == [False, True, True, "older", "older", "older"]
+    plain = configs.default_backward_config(64, 64, torch.float32, (8, 0))
+    modified = configs.default_backward_config(64, 64, torch.float32, (8, 0), modified=True)
+    assert plain.dkdv != modified.dkdv and plain.dq == modified.dq
+
+
+def test_numpy_scalars_and_empty_problems():
+    """NumPy integers and floats are accepted as window sizes and softcaps; empty problems with
+    every modifier give empty outputs (L = 0) or zeros with lse = -inf (S = 0)."""
+    import numpy as np
+
+    q, k, v = qkv(L=9, S=9)
+    a = fastattn.attention(q, k, v, window_size=(np.int64(3), np.int32(0)), softcap=np.float32(2.0))
+    torch.testing.assert_close(a, fastattn.attention(q, k, v, window_size=(3, 0), softcap=2.0), rtol=0, atol=0)
+    mods = dict(window_size=(2, 1), softcap=3.0, alibi_slopes=torch.rand(2))
+    for backend in BACKENDS:
+        out, lse = fastattn.attention(*qkv(L=0, S=5), backend=backend, return_lse=True, **mods)
+        assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
+        out, lse = fastattn.attention(*qkv(L=4, S=0), backend=backend, return_lse=True, **mods)
+        assert torch.equal(out, torch.zeros(1, 2, 4, 16)) and torch.isneginf(lse).all()
