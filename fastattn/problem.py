@@ -1,9 +1,12 @@
 """Argument checks and the canonical form every backend receives.
 
-`attention()` and `reference.attention()` accept SDPA's arguments; :func:`canonicalize` checks
-them once and turns them into a :class:`Problem`: 4-D tensors with one flattened batch dimension,
-the mask kept at its own (broadcast) size, and every scalar property of the call in one
-:class:`fastattn.features.Features` (the causal structure as a single diagonal offset).
+`attention()` and `reference.attention()` accept SDPA's arguments and fastattn's score modifiers;
+:func:`canonicalize` checks them once and turns them into a :class:`Problem`: 4-D tensors with one
+flattened batch dimension, the mask kept at its own (broadcast) size, the ALiBi slopes as a
+(1 or B, Hq) view, and every scalar property of the call in one
+:class:`fastattn.features.Features` (the band of visible keys as two diagonal offsets: is_causal,
+a CausalBias and a window's right edge intersect in one upper diagonal, its left edge is the
+lower one).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The PyTorch fallback: the same semantics as the kernel, with O(L) extra memory.
 
 Where SDPA's own CPU kernel can express the call (no bottom-right causal that hides keys, E == Ev,
-not causal and masked at once) it is used directly, through the aten op that also returns the
+not causal and masked at once, no sliding window, softcap or ALiBi) it is used directly, through the aten op that also returns the
 logsumexp. Every other call takes :func:`tiled_attention`, the FlashAttention algorithm written
 with PyTorch ops: query blocks of `block_m` rows meet key/value blocks of `block_n` positions,
 with a running max and sum, so no (L, S) matrix is ever allocated. On 2 CPU cores the tiled path
