@@ -239,6 +239,11 @@ FEATURES: dict[str, Feature] = {
 }
 
 
+# The features that change the scores beyond mask and causality (the kernels' configs give them
+# narrower tiles: fused.plumbing.modified_scores).
+SCORE_MODIFIERS = ("sliding window", "softcap", "alibi")
+
+
 def used_features(p) -> list[str]:
     """The names of the :data:`FEATURES` problem `p` uses, in declaration order."""
     return [name for name, f in FEATURES.items() if f.used(p)]

@@ -20,6 +20,7 @@ and "alibi" (BLOOM: ALiBi slopes, MHA).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -31,6 +32,7 @@ DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 
 
+@functools.cache  # a row's FLOPs are asked for several times; the count loops over L
 def window_scores(L: int, S: int, window: int) -> int:
     """Scores per head inside a causal window of `window` keys ending at each query (bottom-right
     aligned: query i sees keys i + S - L - window + 1 .. i + S - L), counted exactly."""

@@ -86,8 +86,9 @@ def visible_rows(f: Features, n0: int, n1: int, L: int) -> tuple[int, int]:
     return lo, max(lo, hi)
 
 
-def _positions(m0: int, m1: int, n0: int, n1: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.arange(m0, m1, device=device)[:, None], torch.arange(n0, n1, device=device)[None, :]
+def _key_offsets(m0: int, m1: int, n0: int, n1: int, device) -> torch.Tensor:
+    """(m1 - m0, n1 - n0) int: j - i, each key's offset from its query's diagonal."""
+    return torch.arange(n0, n1, device=device)[None, :] - torch.arange(m0, m1, device=device)[:, None]
 
 
 def score_mods_(
@@ -117,7 +118,7 @@ def score_mods_(
     softcap_grad: also return g = d(capped) / d(s) = 1 - tanh^2 (None without a softcap), which
     the backward multiplies into dS (the chain rule through step 1).
     """
-    grad = None
+    grad = offsets = None
     if f.softcap > 0.0:
         cap = f.softcap * (LOG2E if log2_units else 1.0)
         t = torch.tanh(s / cap)  # not in place: autograd (the reference) needs tanh's output
@@ -126,8 +127,8 @@ def score_mods_(
         s.copy_(t * cap)
     if alibi is not None:
         L, S = seqlens
-        rows, cols = _positions(m0, m1, n0, n1, s.device)
-        distance = (rows + (S - L) - cols).abs_().to(s.dtype)
+        offsets = _key_offsets(m0, m1, n0, n1, s.device)
+        distance = (offsets - (S - L)).abs_().to(s.dtype)
         slopes = alibi.to(s.dtype) * (LOG2E if log2_units else 1.0)
         s.sub_(slopes[..., None, None] * distance)
     if mask is not None:
@@ -144,11 +145,11 @@ def score_mods_(
     cuts_hi = off is not None and n1 - 1 > m0 + off  # the tile crosses the upper diagonal
     cuts_lo = lo is not None and n0 < m1 - 1 + lo  # ... or the window's lower one
     if cuts_hi or cuts_lo:
-        rows, cols = _positions(m0, m1, n0, n1, s.device)
+        offsets = _key_offsets(m0, m1, n0, n1, s.device) if offsets is None else offsets
         hidden = torch.zeros((), dtype=torch.bool, device=s.device)
         if cuts_hi:
-            hidden = hidden | (cols > rows + off)
+            hidden = hidden | (offsets > off)
         if cuts_lo:
-            hidden = hidden | (cols < rows + lo)
+            hidden = hidden | (offsets < lo)
         s.masked_fill_(hidden, -math.inf)
     return (s, grad) if softcap_grad else s

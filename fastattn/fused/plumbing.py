@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..configs import TileConfig, padded_head_dim
+from ..features import FEATURES, SCORE_MODIFIERS
 from ..problem import Problem
 
 LOG2E = 1.4426950408889634  # exp2 is one instruction: the kernels fold log2(e) into the scale
@@ -171,9 +172,8 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
 
 
 def modified_scores(p: Problem) -> bool:
-    """Does `p` use a score modifier: a sliding window's lower edge, a softcap or ALiBi?"""
-    f = p.features
-    return f.window_lo is not None or f.softcap > 0.0 or p.alibi is not None
+    """Does `p` use a score modifier (features.SCORE_MODIFIERS: a window's lower edge, a softcap, ALiBi)?"""
+    return any(FEATURES[name].used(p) for name in SCORE_MODIFIERS)
 
 
 def masked_tiles(p: Problem) -> bool:
