@@ -7,8 +7,8 @@ holds the textbook formula every path is tested against.
 
 from . import reference
 from .dispatch import BACKENDS, BackendUnavailable, unsupported_reasons
-from .interface import attention
+from .interface import attention, varlen_attention
 
 __version__ = "0.3.0"
 
-__all__ = ["attention", "reference", "BACKENDS", "BackendUnavailable", "unsupported_reasons", "__version__"]
+__all__ = ["attention", "varlen_attention", "reference", "BACKENDS", "BackendUnavailable", "unsupported_reasons", "__version__"]

@@ -80,6 +80,10 @@ def _run_triton(p: Problem):
 def _run_cpu(p: Problem):
     from .eager.forward import cpu_fallback_attention
 
+    if p.packing is not None:
+        from .eager.packed import packed_attention
+
+        return packed_attention(p, cpu_fallback_attention)
     return cpu_fallback_attention(p)
 
 
@@ -92,12 +96,20 @@ def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
 def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
     from .eager.backward import tiled_attention_backward
 
+    if p.packing is not None:
+        from .eager.packed import packed_attention_backward
+
+        return (*packed_attention_backward(p, out, lse, dout, dlse, tiled_attention_backward), None)
     return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
 
 
 def _run_reference(p: Problem):
     from .reference import problem_attention
 
+    if p.packing is not None:
+        from .eager.packed import packed_attention
+
+        return packed_attention(p, problem_attention)
     return problem_attention(p)
 
 

@@ -143,13 +143,37 @@ def window_bounds(window_size: tuple[int, int], L: int, S: int) -> tuple[int | N
     """(lower, upper) diagonal offsets of FlashAttention's window (left, right) for L queries and S
     keys: query i sees key j when i + S - L - left <= j <= i + S - L + right (bottom-right aligned;
     -1 unbounded). A side that hides no key of the (L, S) matrix gives None."""
+    lower, upper = relative_window(window_size)
+    return _hiding(None if lower is None else S - L + lower, None if upper is None else S - L + upper, L, S)
+
+
+def relative_window(window_size: tuple[int, int]) -> tuple[int | None, int | None]:
+    """(-left, right) of a window, None for an unbounded (-1) side: the band's diagonals relative
+    to the bottom-right corner (S - L), as packed calls keep them for every sequence."""
     left, right = window_size
-    lower = upper = None
-    if left >= 0 and S - L - left > 1 - L:  # some j < i + lower exists: 0 <= j < L - 1 + lower
-        lower = S - L - left
-    if right >= 0 and S - L + right < S - 1:  # some j > i + upper exists
-        upper = S - L + right
+    return (-left if left >= 0 else None), (right if right >= 0 else None)
+
+
+def _hiding(lower: int | None, upper: int | None, L: int, S: int) -> tuple[int | None, int | None]:
+    """The diagonals (j >= i + lower, j <= i + upper) that hide some key of an (L, S) matrix."""
+    if lower is not None and not lower > 1 - L:  # hides j < i + lower for some 0 <= j < L - 1 + lower
+        lower = None
+    if upper is not None and not upper < S - 1:  # hides some j > i + upper
+        upper = None
     return lower, upper
+
+
+def anchored(f: Features, L: int, S: int) -> Features:
+    """The features of one sequence (L queries, S keys) of a packed call, whose `f` holds the band's
+    diagonals relative to each sequence's bottom-right corner: shifted by S - L, and None where
+    they hide nothing there (so a causal sequence with L == S is exactly is_causal=True)."""
+    lower, upper = _hiding(
+        None if f.window_lo is None else f.window_lo + S - L,
+        None if f.causal_offset is None else f.causal_offset + S - L,
+        L,
+        S,
+    )
+    return dataclasses.replace(f, causal_offset=upper, window_lo=lower)
 
 
 def check_features(
@@ -230,6 +254,24 @@ FEATURES: dict[str, Feature] = {
         "logit softcapping (softcap > 0)", lambda p: p.features.softcap > 0.0, ALL_BACKENDS, ALL_BACKENDS
     ),
     "alibi": Feature("ALiBi slopes", lambda p: p.alibi is not None, ALL_BACKENDS, ALL_BACKENDS),
+    "packed sequences": Feature(
+        "packed variable-length sequences (varlen_attention)",
+        lambda p: p.packing is not None,
+        ALL_BACKENDS,
+        ALL_BACKENDS,
+    ),
+    "kv cache": Feature(
+        "a KV cache read through seqused_k (inference only: no backend differentiates it)",
+        lambda p: p.packing is not None and p.packing.seqused_k is not None,
+        ALL_BACKENDS,
+        frozenset(),
+    ),
+    "paged kv cache": Feature(
+        "a paged KV cache read through block_table (inference only: no backend differentiates it)",
+        lambda p: p.packing is not None and p.packing.block_table is not None,
+        ALL_BACKENDS,
+        frozenset(),
+    ),
     "dropout": Feature(
         "dropout_p > 0 (not implemented yet in fastattn; pass dropout_p=0.0)",
         lambda p: p.features.dropout_p > 0.0,

@@ -6,6 +6,7 @@ import torch
 
 from .dispatch import choose_backend
 from .ops import run_forward
+from .packed import canonicalize_varlen
 from .problem import canonicalize, empty_result
 
 
@@ -131,3 +132,109 @@ def attention(
         result = empty_result(p) or chosen.run(p)
     out, lse = p.restore(*result)
     return (out, lse) if return_lse else out
+
+
+def _wants_lse(return_aux) -> bool:
+    if return_aux is None:
+        return False
+    if not hasattr(return_aux, "lse"):
+        raise TypeError(
+            f"return_aux must be None or torch.nn.attention.varlen.AuxRequest (an object with an 'lse' "
+            f"attribute), got {type(return_aux).__name__}"
+        )
+    return bool(return_aux.lse)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Attention over a packed batch of variable-length sequences, and KV-cache decoding (contiguous
+    or paged). Names, order, defaults and meaning of the arguments up to num_splits are those of
+    ``torch.nn.attention.varlen.varlen_attn``; softcap, alibi_slopes and backend are fastattn's, as in
+    :func:`fastattn.attention`. Runs on any device.
+
+    Shapes (N sequences; T_q, T_k the packed row counts):
+        query (T_q, Hq, E), key (T_k, Hkv, E), value (T_k, Hkv, Ev) -> out (T_q, Hq, Ev), contiguous.
+        cu_seq_q, cu_seq_k: int32 (N + 1,) cumulative offsets, starting at 0 and ending at T_q / T_k.
+        Sequence n is query rows cu_seq_q[n] : cu_seq_q[n + 1] attending to key rows
+        cu_seq_k[n] : cu_seq_k[n + 1] (its "slot"), exactly as fastattn.attention would on those
+        rows alone. Sequences may be empty: a sequence with no keys gives its rows 0.
+        max_q, max_k: the longest query and key sequence (an upper bound is fine; a smaller value
+        raises). They size the Triton launch grid, so passing them avoids reading cu_seq on the host.
+
+    Arguments:
+        return_aux: ``torch.nn.attention.varlen.AuxRequest(lse=True)`` (or any object with a true
+            ``lse`` attribute) also returns lse (T_q, Hq), float32 (float64 for float64 inputs).
+        scale: multiplies Q K^T; default 1/sqrt(E).
+        window_size: (left, right), per sequence and aligned to its bottom-right corner: query i of a
+            sequence of L queries and S keys sees key j when i + S - L - left <= j <= i + S - L + right
+            (-1: unbounded). (-1, 0) is causal (bottom-right, as torch's varlen_attn: a decoding query
+            sees its whole cache); (w - 1, 0) a causal window of w keys.
+        enable_gqa: allow Hq a multiple of Hkv; query head h reads KV head h // (Hq // Hkv). K and V
+            are never repeated.
+        seqused_k: int32 (N,): only the first seqused_k[n] keys of sequence n take part (a KV cache
+            whose slot is larger than its filled part); the window aligns to seqused_k[n] keys.
+        block_table: int32 (N, max_pages), with seqused_k: key and value are then a pool of pages
+            (num_pages, page_size, Hkv, E / Ev) in any order; logical key j of sequence n is row
+            j % page_size of page block_table[n, j // page_size]. cu_seq_k may then be None (if given,
+            seqused_k[n] must fit its slot). Any page_size on the "cpu" and "reference" backends; on
+            "triton", multiples of 16.
+        num_splits: the split-KV factor of the Triton kernel for decoding: None lets fastattn choose
+            (from the GPU's SM count, N * Hq and max_k); 1 disables the split, so each sequence's
+            result is bitwise identical whatever else is in the batch. The "cpu" and "reference"
+            backends compute the same values without splitting and ignore it.
+        softcap, alibi_slopes: as in fastattn.attention (alibi_slopes (Hq,) or (N, Hq)), per
+            sequence: ALiBi's distance is |i + S - L - j| with that sequence's lengths.
+        backend: "auto", "triton", "cpu" or "reference", as in fastattn.attention.
+
+    Returns out, or (out, lse) when return_aux asks for lse.
+
+    Gradients: query, key and value of packed calls, with every modifier, on every backend (the
+    Triton backward is deterministic, as fastattn.attention's). Calls with seqused_k or block_table
+    are inference only, as in torch: asking for their gradient raises RuntimeError.
+
+    Raises TypeError / ValueError naming the argument for bad input: cu_seq not int32, not 1-D, not
+    starting at 0, decreasing, or not ending at T; max_q / max_k smaller than a real length;
+    block_table without seqused_k; a page index outside the pool; seqused_k larger than its slot or
+    pages; mismatched heads or head dims. The contents of the index tensors are checked inside the
+    op (one host read of them per call), so torch.compile traces the call without a graph break.
+    """
+    p = canonicalize_varlen(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        scale=scale,
+        window_size=window_size,
+        enable_gqa=enable_gqa,
+        seqused_k=seqused_k,
+        block_table=block_table,
+        num_splits=num_splits,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
+    want_lse = _wants_lse(return_aux)
+    chosen = choose_backend(backend, p)
+    result = run_forward(p, chosen.name) if chosen.custom_op else chosen.run(p)
+    out, lse = p.restore(*result)
+    return (out, lse) if want_lse else out

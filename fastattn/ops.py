@@ -1,10 +1,13 @@
 """torch.library custom ops for the forward and backward, their fake kernels and autograd.
 
-``fastattn::forward(q, k, v, mask, alibi, ints, floats, backend) -> (out, lse)`` runs a backend on
-a canonical problem (fastattn.problem.Problem: q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev),
-mask None or 4-D with dims 1 or full, alibi None or float32 (1 or B, Hq) slopes). ``ints`` and ``floats`` are the call's
+``fastattn::forward(q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats,
+sizes, backend) -> (out, lse)`` runs a backend on a canonical problem (fastattn.problem.Problem:
+q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or 4-D with dims 1 or full, alibi
+None or float32 (1 or B, Hq) slopes; a packed call's index tensors and sizes, its
+:class:`fastattn.problem.Packing`, or None and []). ``ints`` and ``floats`` are the call's
 :class:`fastattn.features.Features`, packed by :meth:`Features.pack`: the schema never names a
-feature, so a new one needs no change here. ``fastattn::backward`` returns (dq, dk, dv, dmask)
+scalar feature, so a new one needs no change here. Packed calls return out (and take dout, and
+give dq, dk, dv) in their packed (T, H, D) layout, seen heads first (``Problem.new_out``). ``fastattn::backward`` returns (dq, dk, dv, dmask)
 from the saved inputs, out and lse: the score matrix is recomputed block by block, never stored.
 Its backend is chosen by :func:`fastattn.dispatch.choose_backward` when the forward runs. Being
 custom ops with fake kernels, both trace into ``torch.compile`` graphs as single nodes.
@@ -15,18 +18,33 @@ from __future__ import annotations
 import torch
 
 from .features import Features
-from .problem import Problem, empty_result, lse_dtype
+from .problem import Packing, Problem, empty_result, lse_dtype
 
 _NO_MASK_GRAD = (0,)  # dmask placeholder shape when the mask needs no gradient
+_DENSE = (None, None, None, None)  # the packing tensors of a dense call
 
 
-def _problem(q, k, v, mask, alibi, ints, floats) -> Problem:
-    return Problem(q=q, k=k, v=v, mask=mask, alibi=alibi, features=Features.unpack(ints, floats))
+def _problem(q, k, v, mask, alibi, packed, ints, floats, sizes) -> Problem:
+    packing = Packing.from_op(packed, sizes)
+    return Problem(q=q, k=k, v=v, mask=mask, alibi=alibi, features=Features.unpack(ints, floats), packing=packing)
+
+
+def _packing_args(p: Problem) -> tuple[tuple, list[int]]:
+    return (_DENSE, []) if p.packing is None else (p.packing.tensors(), p.packing.sizes())
+
+
+def _in_layout(packed: bool, t: torch.Tensor) -> torch.Tensor:
+    """t (B, H, rows, D) in the layout the op promises: contiguous, or for a packed call the packed
+    (rows, H, D) layout seen heads first (no copy when a backend wrote it so)."""
+    if not packed:
+        return t.contiguous()
+    return t[0].transpose(0, 1).contiguous().transpose(0, 1)[None]
 
 
 def run_forward(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of `p` by `backend` (a custom-op backend) through fastattn::forward: differentiable."""
-    return attention_forward(p.q, p.k, p.v, p.mask, p.alibi, *p.features.pack(), backend)
+    packed, sizes = _packing_args(p)
+    return attention_forward(p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
 
 
 @torch.library.custom_op("fastattn::forward", mutates_args=())
@@ -36,26 +54,35 @@ def attention_forward(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     alibi: torch.Tensor | None,
+    cu_seq_q: torch.Tensor | None,
+    cu_seq_k: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    block_table: torch.Tensor | None,
     ints: list[int],
     floats: list[float],
+    sizes: list[int],
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, computed by `backend`."""
     from .dispatch import REGISTRY
+    from .packed import check_packing_values
 
-    p = _problem(q, k, v, mask, alibi, ints, floats)
+    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    if p.packing is not None:
+        check_packing_values(p)  # the index tensors' contents: inside the op, so compile traces no sync
     result = empty_result(p)
     if result is None:
         result = REGISTRY[backend].run(p)
-    # Contiguous, as the fake kernel promises (SDPA's CPU op returns lse in (B, L, H) layout).
-    return tuple(t.contiguous() for t in result)
+    # In the fake kernel's layout (SDPA's CPU op returns lse in (B, L, H) layout).
+    out, lse = result
+    return _in_layout(p.packing is not None, out), lse.contiguous()
 
 
 @attention_forward.register_fake
-def _(q, k, v, mask, alibi, ints, floats, backend):
+def _(q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
-    return out, lse
+    return _in_layout(cu_seq_q is not None, out), lse
 
 
 @torch.library.custom_op("fastattn::backward", mutates_args=())
@@ -69,51 +96,65 @@ def attention_backward(
     lse: torch.Tensor,
     mask: torch.Tensor | None,
     alibi: torch.Tensor | None,
+    cu_seq_q: torch.Tensor | None,
+    cu_seq_k: torch.Tensor | None,
     ints: list[int],
     floats: list[float],
+    sizes: list[int],
     backend: str,
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask) of a canonical problem by `backend`'s backward; dmask has the mask's
-    shape when mask_grad, else (0,)."""
+    shape when mask_grad, else (0,). Packed calls have no seqused_k or block_table here: those
+    are inference only."""
     from .dispatch import REGISTRY
 
-    p = _problem(q, k, v, mask, alibi, ints, floats)
+    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, None, None), ints, floats, sizes)
+    packed = p.packing is not None
     no_dmask = q.new_empty(_NO_MASK_GRAD)
     if empty_result(p) is not None:
         dmask = mask.new_zeros(mask.shape) if mask_grad else no_dmask
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dmask
+        return tuple(_in_layout(packed, t.new_zeros(t.shape)) for t in (q, k, v)) + (dmask,)
     dq, dk, dv, dmask = REGISTRY[backend].run_backward(p, out, lse, dout, dlse, mask_grad)
     dmask = dmask.contiguous() if mask_grad else no_dmask
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask
+    return _in_layout(packed, dq), _in_layout(packed, dk), _in_layout(packed, dv), dmask
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, mask, alibi, ints, floats, backend, mask_grad):
+def _(dout, dlse, q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k, ints, floats, sizes, backend, mask_grad):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(_NO_MASK_GRAD)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+    packed = cu_seq_q is not None
+    return tuple(_in_layout(packed, t.new_empty(t.shape)) for t in (q, k, v)) + (dmask,)
 
 
 def _setup_context(ctx, inputs, output):
-    from .dispatch import choose_backward
+    from .dispatch import FALLBACK_BACKWARD, backward_reasons, choose_backward
 
-    q, k, v, mask, alibi, ints, floats, backend = inputs
+    q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi)
-    ctx.ints, ctx.floats = ints, floats
+    ctx.save_for_backward(q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k)
+    ctx.ints, ctx.floats, ctx.sizes = ints, floats, sizes
     # Chosen with the inputs as the caller passed them: a float mask's requires_grad is a feature.
-    ctx.backend = choose_backward(backend, _problem(q, k, v, mask, alibi, ints, floats))
+    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    ctx.backend = choose_backward(backend, p)
+    # What no backward differentiates (a KV cache) fails when a gradient is asked for, not before:
+    # a forward under autograd (no torch.no_grad()) still runs.
+    ctx.refused = backward_reasons(ctx.backend, p) if ctx.backend == FALLBACK_BACKWARD else []
     ctx.mask_grad = mask is not None and mask.requires_grad
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, mask, alibi = ctx.saved_tensors
+    if ctx.refused:
+        raise RuntimeError("fastattn cannot compute this gradient: " + "; ".join(ctx.refused))
+    q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    packed = cu_seq_q is not None
     if dout is None:  # only lse takes part in the loss
         dout = torch.zeros_like(out)
     dq, dk, dv, dmask = attention_backward(
-        dout.contiguous(), dlse, q, k, v, out, lse, mask, alibi, ctx.ints, ctx.floats, ctx.backend, ctx.mask_grad
-    )
-    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
+        _in_layout(packed, dout), dlse, q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k,
+        ctx.ints, ctx.floats, ctx.sizes, ctx.backend, ctx.mask_grad,
+    )  # fmt: skip
+    return dq, dk, dv, dmask if ctx.mask_grad else None, *([None] * 9)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -30,6 +30,51 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Where the N sequences of a packed call (``fastattn.varlen_attention``) lie.
+
+    The problem's q is (1, Hq, T_q, E) (the packed (T_q, Hq, E) rows seen heads first), k and v
+    (1, Hkv, T_k, E / Ev), or with a block table the page pool (num_pages, page_size, Hkv, E / Ev)
+    as (1, Hkv, num_pages * page_size, E / Ev). Sequence n is query rows cu_seq_q[n] : cu_seq_q[n + 1]
+    against keys from its slot cu_seq_k[n] : cu_seq_k[n + 1] (or its pages, logical position j at
+    row block_table[n, j // page_size] * page_size + j % page_size), of which the first
+    seqused_k[n] take part when seqused_k is given. The problem's features hold the band's
+    diagonals relative to each sequence's bottom-right corner (``features.anchored``); its alibi is
+    (1 or N, Hq). All index tensors are int32 on the query's device. max_q / max_k: the caller's
+    bounds on the lengths (the launch grid); num_splits: the split-KV factor, 0 to let the launcher
+    choose."""
+
+    cu_seq_q: torch.Tensor
+    cu_seq_k: torch.Tensor | None
+    seqused_k: torch.Tensor | None
+    block_table: torch.Tensor | None
+    max_q: int
+    max_k: int
+    page_size: int = 0
+    num_splits: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return self.cu_seq_q.shape[0] - 1
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """The index tensors, in the op schema's order."""
+        return self.cu_seq_q, self.cu_seq_k, self.seqused_k, self.block_table
+
+    def sizes(self) -> list[int]:
+        """The scalars, in the op schema's order (left as given: under torch.compile max_q and max_k
+        may be symbolic, and int() would specialise the graph on them)."""
+        return [self.max_q, self.max_k, self.page_size, self.num_splits]
+
+    @classmethod
+    def from_op(cls, tensors, sizes) -> Packing | None:
+        """Packing from the op's arguments; None for a dense call (no cu_seq_q)."""
+        if tensors[0] is None:
+            return None
+        return cls(*tensors, *sizes)
+
+
+@dataclass(frozen=True)
 class Problem:
     """One attention call in canonical form.
 
@@ -49,6 +94,7 @@ class Problem:
     alibi: torch.Tensor | None = None
     batch_shape: tuple[int, ...] = ()
     squeeze_heads: bool = False  # the caller passed 2-D (L, E) tensors without a head dim
+    packing: Packing | None = None  # a packed call (varlen_attention): see Packing
 
     @property
     def batch(self) -> int:
@@ -90,8 +136,19 @@ class Problem:
     def device(self) -> torch.device:
         return self.q.device
 
+    def new_out(self, head_dim: int | None = None) -> torch.Tensor:
+        """An empty (B, Hq, L, head_dim (default Ev)) result in the layout the caller gets: packed
+        calls (T_q, Hq, Ev) rows, seen heads first as (1, Hq, T_q, Ev); else contiguous."""
+        d = self.head_dim_v if head_dim is None else head_dim
+        if self.packing is not None:
+            return self.q.new_empty(self.seqlen_q, self.heads_q, d).permute(1, 0, 2)[None]
+        return self.q.new_empty(self.batch, self.heads_q, self.seqlen_q, d)
+
     def restore(self, out: torch.Tensor, lse: torch.Tensor | None):
-        """Reshape backend outputs (B, Hq, L, Ev) and (B, Hq, L) to the caller's batch dims."""
+        """Reshape backend outputs (B, Hq, L, Ev) and (B, Hq, L) to the caller's batch dims (packed
+        calls: (T_q, Hq, Ev) and (T_q, Hq))."""
+        if self.packing is not None:
+            return out[0].transpose(0, 1).contiguous(), None if lse is None else lse[0].t().contiguous()
         if self.squeeze_heads:
             out, lse = out[0, 0], None if lse is None else lse[0, 0]
         else:

@@ -110,3 +110,71 @@ def attention(
     if return_weights:
         results.append(weights.reshape(*out.shape[:-1], p.seqlen_k))
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seq_q: torch.Tensor,
+    cu_seq_k: torch.Tensor | None,
+    max_q: int,
+    max_k: int,
+    *,
+    return_aux=None,
+    scale: float | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    enable_gqa: bool = False,
+    seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    return_weights: bool = False,
+    upcast: bool = False,
+):
+    """:func:`fastattn.varlen_attention` computed literally: a loop over the sequences, each one a
+    call of :func:`attention` on its own rows (its keys gathered from the pages with a block
+    table). Arguments as there (num_splits is checked and has no effect); upcast as in
+    :func:`attention`.
+
+    return_weights: also return a list of the N sequences' attention weights (Hq, L_n, S_n).
+    Returns out, then lse (with return_aux.lse), then the weights, as a tuple when more than one.
+    """
+    from .interface import _wants_lse
+    from .packed import canonicalize_varlen, check_packing_values
+
+    p = canonicalize_varlen(
+        query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+        enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table, num_splits=num_splits,
+        softcap=softcap, alibi_slopes=alibi_slopes,
+    )  # fmt: skip
+    want_lse = _wants_lse(return_aux)
+    Hq, Ev = query.shape[1], value.shape[-1]
+    pool_k = key.reshape(-1, *key.shape[-2:])
+    pool_v = value.reshape(-1, *value.shape[-2:])
+    outs, lses, weights = [], [], []
+    for n, s in enumerate(check_packing_values(p)):
+        if block_table is not None:
+            pos = torch.arange(s.S, device=query.device)
+            rows = block_table[n].long()[pos // p.packing.page_size] * p.packing.page_size + pos % p.packing.page_size
+            k_n, v_n = pool_k[rows], pool_v[rows]
+        else:
+            k_n, v_n = key[s.k0 : s.k0 + s.S], value[s.k0 : s.k0 + s.S]
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[n]
+        o, lse, w = attention(
+            query[s.q0 : s.q0 + s.L].transpose(0, 1), k_n.transpose(0, 1), v_n.transpose(0, 1),
+            scale=scale, enable_gqa=enable_gqa, window_size=window_size, softcap=softcap,
+            alibi_slopes=slopes, return_lse=True, return_weights=True, upcast=upcast,
+        )  # fmt: skip
+        outs.append(o.transpose(0, 1))
+        lses.append(lse.t())
+        weights.append(w)
+    dtype = torch.float64 if upcast else query.dtype
+    lse_dt = torch.float64 if upcast or query.dtype == torch.float64 else torch.float32
+    out = torch.cat(outs) if outs else query.new_zeros(0, Hq, Ev, dtype=dtype)
+    lse = torch.cat(lses) if lses else query.new_zeros(0, Hq, dtype=lse_dt)
+    results = [out] + ([lse] if want_lse else []) + ([weights] if return_weights else [])
+    return results[0] if len(results) == 1 else tuple(results)
