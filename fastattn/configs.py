@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -239,3 +240,16 @@ def set_forward_config(fn: Callable[..., TileConfig] | None) -> None:
 def set_backward_config(fn: Callable[..., BackwardConfig] | None) -> None:
     """Replace the backward config function (backward_config's signature); None restores the built-in one."""
     _replace("backward", fn)
+
+
+MAX_KV_SPLITS = 64
+
+
+def kv_splits(programs: int, max_k: int, block_n: int, sm_count: int | None) -> int:
+    """The split-KV factor the forward launcher picks when the caller does not: 1 when the
+    programs already fill the GPU (or off a GPU: sm_count None), else enough splits for about two
+    waves of programs, each split keeping at least 4 key blocks, at most MAX_KV_SPLITS."""
+    if sm_count is None or programs <= 0 or programs >= sm_count:
+        return 1
+    by_work = max(1, max_k // (4 * block_n))
+    return max(1, min(MAX_KV_SPLITS, math.ceil(2 * sm_count / programs), by_work))

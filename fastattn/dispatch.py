@@ -42,6 +42,8 @@ def _triton_reasons(p: Problem, explicit: bool) -> list[str]:
     if p.device.type not in ("cuda", "cpu"):
         return []  # the device declaration has said it
     reasons = []
+    if p.packing is not None and p.packing.block_table is not None and p.packing.page_size % 16:
+        reasons.append(f"pages of a multiple of 16 keys only, got page_size={p.packing.page_size}")
     err = flavour_error(p.device.type)
     if err:
         reasons.append(err)

@@ -1,13 +1,37 @@
-"""Host side of the Triton forward: outputs, config, mask block lists, then one launch per batch chunk."""
+"""Host side of the Triton forward: outputs, config, mask block lists, then one launch per batch chunk
+(and with split-KV, the combine launch after each)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
-from ..configs import TileConfig, forward_config
+from ..configs import TileConfig, forward_config, kv_splits, preprocess_config
 from ..problem import Problem, lse_dtype
 from . import plumbing as pl
 from .block_lists import mask_block_lists
+
+
+def _sm_count(p: Problem, target: pl.Target) -> int | None:
+    if target.capability is None:
+        return None
+    return torch.cuda.get_device_properties(p.device).multi_processor_count
+
+
+def split_count(p: Problem, config: TileConfig, target: pl.Target, num_splits: int | None = None) -> int:
+    """The split-KV factor of `p`'s forward: `num_splits` (or a packed call's own), else
+    configs.kv_splits for calls the range loops serve (no mask) on a GPU; 1 otherwise. Capped so
+    that grid axis z and the splits' key slices stay meaningful."""
+    asked = num_splits or (p.packing.num_splits if p.packing is not None else 0)
+    max_k = p.seqlen_k if p.packing is None else p.packing.max_k
+    if p.mask is not None:
+        return 1  # masked calls visit host-built block lists, which do not split
+    if not asked:
+        programs = pl.cdiv(pl.program_rows(p), config.block_m) * p.heads_q * pl.program_batches(p)
+        asked = kv_splits(programs, max_k, config.block_n, _sm_count(p, target))
+    return max(1, min(asked, pl.cdiv(max(max_k, 1), config.block_n), pl.MAX_GRID_YZ // max(pl.program_batches(p), 1)))
 
 
 def plan_forward(
@@ -16,9 +40,11 @@ def plan_forward(
     lse: torch.Tensor,
     config: TileConfig | None = None,
     target: pl.Target | None = None,
+    num_splits: int | None = None,
 ) -> list[pl.Launch]:
     """The launches that compute out (B, Hq, L, Ev) and lse (B, Hq, L) for `p` on `target`
-    (default: this process's, :meth:`plumbing.Target.of`) with `config` (default: configs.forward_config)."""
+    (default: this process's, :meth:`plumbing.Target.of`) with `config` (default: configs.forward_config)
+    and `num_splits` (default: :func:`split_count`'s choice)."""
     target = target or pl.Target.of(p)
     B, Hq, L, E = p.q.shape
     S, Ev = p.seqlen_k, p.head_dim_v
@@ -27,6 +53,10 @@ def plan_forward(
         config = forward_config(
             dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p)
         )
+    packing_args, packing_flags = pl.packing_launch_args(p)
+    if packing_flags["PAGED"]:  # a key block must lie in one page
+        config = dataclasses.replace(config, block_n=math.gcd(config.block_n, p.packing.page_size))
+    splits = split_count(p, config, target, num_splits)
     q, k, v = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     _, mask = pl.mask_operand(p)
     alibi = pl.alibi_operand(p)
@@ -41,30 +71,62 @@ def plan_forward(
         **feature_flags,
         LARGE_OFFSETS=pl.large_offsets(p, mask, k, v),
         INPUT_PRECISION=target.input_precision(p.dtype),
+        **packing_flags,
+        SPLIT_KV=splits > 1,
     )
+    if splits > 1:  # partial results, merged by the combine kernel
+        part_out = torch.empty(splits, B, Hq, L, Ev, dtype=lse_dtype(p.dtype), device=p.device)
+        part_lse = torch.empty(splits, B, Hq, L, dtype=lse_dtype(p.dtype), device=p.device)
+        combine_tile = preprocess_config(dims["HEAD_DIM_V"])
     launches = []
-    for bs in pl.batch_chunks(B):
+    rows = pl.program_rows(p)
+    if rows == 0:
+        return launches
+    for bs in pl.batch_chunks(p, splits):
+        nb = pl.program_batches(p) if p.packing is not None else bs.stop - bs.start
         mk, ct, ix, al = (pl.chunk(t, bs) for t in (mask, counts, index, alibi))
+        o, lse_out = (out[bs], lse[bs]) if splits == 1 else (part_out[:, bs], part_lse[:, bs])
+        o_first = o if splits == 1 else o[0]
         args = dict(
-            Out=out[bs], Lse=lse[bs], Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
+            Out=o, Lse=lse_out, Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
+            **{n: a for n, a in packing_args.items() if n not in ("stride_tn", "page_size")},
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
-            **pl.strides("o", out, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
+            **pl.strides("o", o_first, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
             **pl.strides("c", ct, "bhm", broadcast=True), **pl.strides("i", ix, "bhm", broadcast=True),
-            **pl.strides("a", al, "bh", broadcast=True), H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, **scalars,
+            **pl.strides("a", al, "bh", broadcast=True), stride_tn=packing_args["stride_tn"],
+            stride_os=o.stride(0) if splits > 1 else 0, stride_ls=lse_out.stride(0) if splits > 1 else 0,
+            H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, page_size=packing_args["page_size"], num_splits=splits,
+            **scalars,
         )  # fmt: skip
-        grid = (pl.cdiv(L, config.block_m), Hq, bs.stop - bs.start)
+        grid = (pl.cdiv(rows, config.block_m), Hq, nb * splits)
         launches.append(pl.Launch("forward", "attention_forward_kernel", grid, args, constexprs, config))
+        if splits > 1:
+            comb_args = dict(
+                Out=out[bs], Lse=lse[bs], PartOut=o, PartLse=lse_out,
+                **pl.strides("o", out[bs], "bhmk"), **pl.strides("p", o_first, "bhmk"),
+                stride_ps=o.stride(0), stride_ls=lse_out.stride(0), H=Hq, L=L, EV=Ev, num_splits=splits,
+            )  # fmt: skip
+            comb_flags = dict(
+                HEAD_DIM_V=dims["HEAD_DIM_V"],
+                BLOCK_M=combine_tile.block_m,
+                CHECK_M=L % combine_tile.block_m != 0,
+                CHECK_EV=dims["CHECK_EV"],
+            )
+            grid = (pl.cdiv(L, combine_tile.block_m), Hq, bs.stop - bs.start)
+            launches.append(pl.Launch("decode", "split_kv_combine_kernel", grid, comb_args, comb_flags, combine_tile))
     return launches
 
 
-def triton_attention_forward(p: Problem, config: TileConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def triton_attention_forward(
+    p: Problem, config: TileConfig | None = None, num_splits: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the fused forward kernel: (out (B, Hq, L, Ev) in the input dtype, lse (B, Hq, L) float32,
-    float64 for float64 inputs).
+    float64 for float64 inputs). num_splits: the split-KV factor (default: :func:`split_count`).
 
     The kernel is compiled for the GPU, or run by Triton's interpreter when the process has it on
     (TRITON_INTERPRET=1; the only way CPU tensors can run it).
     """
-    out = torch.empty(p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, dtype=p.dtype, device=p.device)
+    out = p.new_out()
     lse = torch.empty(p.batch, p.heads_q, p.seqlen_q, dtype=lse_dtype(p.dtype), device=p.device)
-    pl.run(plan_forward(p, out, lse, config), p.device)
+    pl.run(plan_forward(p, out, lse, config, num_splits=num_splits), p.device)
     return out, lse

@@ -171,6 +171,37 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
     return scalars, constexprs
 
 
+def packing_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object]]:
+    """(arguments, constexprs) of a packed call's index tensors for the kernels that read them
+    (common._sequence, common._kv_rows); dummies and False flags for a dense call."""
+    pk = p.packing
+    d = dummy(p)
+    if pk is None:
+        args = dict(CuSeqQ=d, CuSeqK=d, SeqUsedK=d, BlockTable=d, stride_tn=0, page_size=0)
+        return args, dict(VARLEN=False, HAS_CU_K=False, HAS_SEQUSED=False, PAGED=False)
+    paged = pk.block_table is not None
+    args = dict(
+        CuSeqQ=pk.cu_seq_q,
+        CuSeqK=d if pk.cu_seq_k is None else pk.cu_seq_k,
+        SeqUsedK=d if pk.seqused_k is None else pk.seqused_k,
+        BlockTable=pk.block_table if paged else d,
+        stride_tn=pk.block_table.stride(0) if paged else 0,
+        page_size=pk.page_size,
+    )
+    flags = dict(VARLEN=True, HAS_CU_K=pk.cu_seq_k is not None, HAS_SEQUSED=pk.seqused_k is not None, PAGED=paged)
+    return args, flags
+
+
+def program_rows(p: Problem) -> int:
+    """The query rows one grid column of programs covers: L, or a packed call's max_q."""
+    return p.seqlen_q if p.packing is None else p.packing.max_q
+
+
+def program_batches(p: Problem) -> int:
+    """The grid's batch axis: B, or a packed call's number of sequences."""
+    return p.batch if p.packing is None else p.packing.num_seqs
+
+
 def modified_scores(p: Problem) -> bool:
     """Does `p` use a score modifier (features.SCORE_MODIFIERS: a window's lower edge, a softcap, ALiBi)?"""
     return any(FEATURES[name].used(p) for name in SCORE_MODIFIERS)
@@ -192,19 +223,31 @@ def head_dim_constexprs(p: Problem) -> dict[str, object]:
 
 
 def tile_constexprs(p: Problem, tile: TileConfig) -> dict[str, object]:
-    """The tile's block sizes and whether L and S need checking against them."""
+    """The tile's block sizes and whether L and S need checking against them (always, for the
+    lengths of a packed call's sequences)."""
+    packed = p.packing is not None
     return dict(
         BLOCK_M=tile.block_m,
         BLOCK_N=tile.block_n,
-        CHECK_M=p.seqlen_q % tile.block_m != 0,
-        CHECK_N=p.seqlen_k % tile.block_n != 0,
+        CHECK_M=packed or p.seqlen_q % tile.block_m != 0,
+        CHECK_N=packed or p.seqlen_k % tile.block_n != 0,
     )
 
 
-def batch_chunks(B: int) -> Iterator[slice]:
-    """Slices of the batch axis, each at most MAX_GRID_YZ long (one launch each)."""
-    for b0 in range(0, B, MAX_GRID_YZ):
-        yield slice(b0, min(B, b0 + MAX_GRID_YZ))
+def batch_chunks(p: Problem, per_batch: int = 1) -> Iterator[slice]:
+    """Slices of the batch axis whose grid axis z (per_batch programs per batch) stays within
+    MAX_GRID_YZ, one launch each. A packed call is one batch whose sequences run along axis z."""
+    if p.packing is not None:
+        if p.packing.num_seqs * per_batch > MAX_GRID_YZ:
+            raise ValueError(
+                f"the Triton kernels take up to {MAX_GRID_YZ // per_batch} packed sequences here, "
+                f"got {p.packing.num_seqs}"
+            )
+        yield slice(0, 1)
+        return
+    step = MAX_GRID_YZ // per_batch
+    for b0 in range(0, p.batch, step):
+        yield slice(b0, min(p.batch, b0 + step))
 
 
 def chunk(t: torch.Tensor, batch: slice) -> torch.Tensor:

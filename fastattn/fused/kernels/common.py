@@ -35,6 +35,13 @@ Constexpr flags are named for what they guarantee; each one that is False remove
   FROM_LIST            the blocks to visit come from a host-built list (masked kernels), not ranges.
   HAS_GAP              (block starts) the cut blocks of a window skip its full ones (ranges only).
   KEY_MAJOR            (dK/dV) score tiles are k q^T, keys along rows, instead of q k^T.
+  VARLEN               a packed call: program axis 2 is a sequence, whose rows, lengths and band
+                       come from the cu_seq arrays (_sequence); programs past its end exit at once.
+  HAS_CU_K / HAS_SEQUSED  (VARLEN) keys start at cu_seq_k[n] / only seqused_k[n] keys take part.
+  PAGED                key position j lives at row j % page_size of page block_table[n, j // page_size]
+                       of a page pool; BLOCK_N divides page_size, so a key block is one page's rows.
+  SPLIT_KV             (forward) the program reduces one of num_splits slices of the keys to a partial
+                       (out, lse), merged by decode.split_kv_combine_kernel.
   LARGE_OFFSETS        a block offset times a row stride may pass 2**31: offsets are 64-bit.
 """
 
@@ -312,3 +319,71 @@ def _block_start(j, Index, gap_at, gap, BLOCK: tl.constexpr, FROM_LIST: tl.const
     else:
         start = j
     return start
+
+
+@triton.jit
+def _sequence(CuSeqQ, CuSeqK, SeqUsedK, n, L, S, causal_offset, window_lo,
+              VARLEN: tl.constexpr, HAS_CU_K: tl.constexpr, HAS_SEQUSED: tl.constexpr):
+    """(q0, k0, L, S, causal_offset, window_lo) of sequence n: its first query and key rows, its
+    lengths and its band. VARLEN: read from the int32 cu_seq_q / cu_seq_k (HAS_CU_K; else keys start
+    at 0, in a page pool) and seqused_k (HAS_SEQUSED: the number of keys that take part), the band's
+    diagonals given relative to the bottom-right corner and shifted by S - L here. Else the
+    problem's own (q0 = k0 = 0)."""
+    if VARLEN:
+        q0 = tl.load(CuSeqQ + n)
+        L = tl.load(CuSeqQ + n + 1) - q0
+        if HAS_CU_K:
+            k0 = tl.load(CuSeqK + n)
+            S = tl.load(CuSeqK + n + 1) - k0
+        else:
+            k0 = q0 * 0
+        if HAS_SEQUSED:
+            S = tl.load(SeqUsedK + n)
+        causal_offset = causal_offset + (S - L)
+        window_lo = window_lo + (S - L)
+    else:
+        q0 = n * 0
+        k0 = n * 0
+    return q0, k0, L, S, causal_offset, window_lo
+
+
+@triton.jit
+def _kv_rows(cols, start_n, offs_n, Pages, page_size, LARGE_OFFSETS: tl.constexpr, PAGED: tl.constexpr):
+    """(BLOCK_N, 1) row offsets of the key block at positions cols = start_n + offs_n: the
+    positions themselves, or with PAGED their rows in the page pool (Pages: the sequence's row of the
+    block table; the block lies in one page)."""
+    if PAGED:
+        page = tl.load(Pages + start_n // page_size)
+        rows = _row_offsets(page * page_size + start_n % page_size + offs_n, LARGE_OFFSETS)
+    else:
+        rows = _row_offsets(cols, LARGE_OFFSETS)
+    return rows[:, None]
+
+
+@triton.jit
+def _split_bounds(full_lo, full_end, cut_lo, cut_span, gap_at, gap, split, num_splits, S,
+                  BLOCK_N: tl.constexpr, HAS_GAP: tl.constexpr):
+    """The loop bounds of _key_block_bounds (ranges) narrowed to split `split` of num_splits: keys
+    [split * chunk, (split + 1) * chunk), chunk = cdiv(S, num_splits) rounded up to BLOCK_N, so block
+    starts stay where they were. The cut blocks, [cut_lo, gap_at) and [gap_at + gap, ...) with a
+    gap, are intersected piece by piece and returned in the same (cut_lo, cut_span, gap_at, gap)
+    form, to be read with _block_start(HAS_GAP=True)."""
+    per = (S + num_splits - 1) // num_splits
+    chunk = (per + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    s_lo = split * chunk
+    s_hi = tl.minimum(s_lo + chunk, S)
+    f_lo = tl.maximum(full_lo, s_lo)
+    f_end = tl.maximum(tl.minimum(full_end, s_hi), f_lo)
+    if HAS_GAP:
+        a_hi = gap_at
+        b_lo = gap_at + gap
+        b_hi = cut_lo + cut_span + gap
+    else:
+        a_hi = cut_lo + cut_span
+        b_lo = a_hi
+        b_hi = a_hi
+    a_lo = tl.maximum(cut_lo, s_lo)
+    a_hi = tl.maximum(tl.minimum(a_hi, s_hi), a_lo)
+    b_lo = tl.maximum(b_lo, s_lo)
+    b_hi = tl.maximum(tl.minimum(b_hi, s_hi), b_lo)
+    return f_lo, f_end, a_lo, (a_hi - a_lo) + (b_hi - b_lo), a_hi, b_lo - a_hi

@@ -24,7 +24,9 @@ from .common import (
     _key_block_scores,
     _load_tile,
     _mods,
-    _row_offsets,
+    _kv_rows,
+    _sequence,
+    _split_bounds,
     _store_tile,
 )
 
@@ -33,22 +35,23 @@ from .common import (
 def _attend_kv_block(
     acc, l_i, m_i, q, offs_m, start_n, offs_n,
     K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-    L, S, E, EV, qk_scale, qk_scale_lo, mods,
+    L, S, E, EV, qk_scale, qk_scale_lo, mods, Pages, page_size,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAGED: tl.constexpr,
 ):
     """One step of the online softmax: fold key/value positions start_n + offs_n into the
     accumulator acc and the running sum l_i and max m_i of query rows offs_m (q: their tile).
     K_head / V_head: the KV head at position 0; M_rows: the mask at query row offs_m[0], key 0.
     offs_n comes from the caller while the head-dim ranges are rebuilt here: those merge with the
     kernel's own, but a range of BLOCK_N built inside the loop stays there and changed the
-    register allocation of the compiled kernels."""
+    register allocation of the compiled kernels. PAGED: K_head / V_head are the page pool's head
+    and Pages the sequence's block-table row (common._kv_rows)."""
     offs_dk = tl.arange(0, q.shape[1])
     offs_dv = tl.arange(0, acc.shape[1])
     cols = start_n + offs_n
-    rows_kv = _row_offsets(cols, LARGE_OFFSETS)[:, None]
+    rows_kv = _kv_rows(cols, start_n, offs_n, Pages, page_size, LARGE_OFFSETS=LARGE_OFFSETS, PAGED=PAGED)
     k = _load_tile(K_head + rows_kv * stride_kn + offs_dk[None, :] * stride_kk, cols, S, offs_dk, E, CHECK_N, CHECK_E)
     qk, _ = _key_block_scores(q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S,
                               qk_scale, qk_scale_lo, mods,
@@ -70,7 +73,7 @@ def _attend_kv_block(
 
 @triton.jit
 def attention_forward_kernel(
-    Out, Lse, Q, K, V, Mask, BlockCount, BlockIndex, Alibi,
+    Out, Lse, Q, K, V, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -79,7 +82,8 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     stride_ab, stride_ah,
-    H, GROUP, L, S, E, EV,
+    stride_tn, stride_os, stride_ls,
+    H, GROUP, L, S, E, EV, page_size, num_splits,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset, window_lo,
     softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
@@ -88,6 +92,8 @@ def attention_forward_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_CU_K: tl.constexpr, HAS_SEQUSED: tl.constexpr, PAGED: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
 ):
     """Out (B, H, L, EV) and Lse (B, H, L) of softmax(qk_scale * Q K^T [+ mask]) V in log2 units.
 
@@ -103,6 +109,11 @@ def attention_forward_kernel(
     blocks that need no masking, then BlockCount[..., 1] that do, their indices in BlockIndex;
     blocks the mask and causality remove entirely are never loaded.
     A row with no visible key gets out = 0 and lse = -inf.
+    Packed calls (VARLEN; B = 1, L = T_q and S = T_k the packed row counts): program axis 2 is the
+    sequence n, whose rows, lengths and band come from CuSeqQ / CuSeqK / SeqUsedK (common._sequence);
+    with PAGED its keys are read through BlockTable (row stride stride_tn; pages of page_size rows).
+    SPLIT_KV: axis 2 is (sequence or batch) * num_splits + split, the program reduces its split's
+    slice of the keys, and Out / Lse are the partial results (split strides stride_os / stride_ls).
     Flags (common.py): CHECK_M / CHECK_N (L / S not a multiple of the block: masked loads, keys
     past S hidden), CHECK_E / CHECK_EV (padded head dims), LARGE_OFFSETS (64-bit offsets),
     INPUT_PRECISION (tl.dot's). Float arguments are float32 (a float64 scale comes split).
@@ -115,31 +126,55 @@ def attention_forward_kernel(
     STEP: tl.constexpr = 1 if FROM_LIST else BLOCK_N
     # Without a mask, causality, a window or a ragged S, every block is full.
     HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL or CHECK_N
-    HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
+    HAS_GAP: tl.constexpr = (IS_LOCAL or SPLIT_KV) and not FROM_LIST
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    if SPLIT_KV:
+        seq = (tl.program_id(2) // num_splits).to(tl.int64)
+        split = tl.program_id(2) % num_splits
+    else:
+        seq = tl.program_id(2).to(tl.int64)
+        split = 0
+    # The batch index of the strides: packed calls are one batch of packed rows.
+    if VARLEN:
+        b = seq * 0
+    else:
+        b = seq
+    rows_total = L  # the row stride of Lse, before L becomes the sequence's length
+    q0, k0, L, S, causal_offset, window_lo = _sequence(
+        CuSeqQ, CuSeqK, SeqUsedK, seq, L, S, causal_offset, window_lo,
+        VARLEN=VARLEN, HAS_CU_K=HAS_CU_K, HAS_SEQUSED=HAS_SEQUSED)
     kvh = h // GROUP
     m0 = start_m * BLOCK_M
+    if VARLEN:
+        if m0 >= L:  # the grid is sized by max_q: this sequence is shorter
+            return
     offs_m = m0 + tl.arange(0, BLOCK_M)
     local_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     m0_64 = m0.to(tl.int64)
+    q0_64 = q0.to(tl.int64)
+    k0_64 = k0.to(tl.int64)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + m0_64 * stride_qm
+    q_ptrs = Q + b * stride_qb + h * stride_qh + (q0_64 + m0_64) * stride_qm
     q = _load_tile(q_ptrs + local_m[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
                    offs_m, L, offs_dk, E, CHECK_M, CHECK_E)
-    K_head = K + b * stride_kb + kvh * stride_kh
-    V_head = V + b * stride_vb + kvh * stride_vh
+    K_head = K + b * stride_kb + kvh * stride_kh + k0_64 * stride_kn
+    V_head = V + b * stride_vb + kvh * stride_vh + k0_64 * stride_vn
+    Pages = BlockTable + seq * stride_tn
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
     Counts = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
     Index = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
     full_lo, full_end, cut_lo, cut_span, gap_at, gap = _key_block_bounds(
         Counts, m0, L, S, causal_offset, window_lo,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
-    mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+    if SPLIT_KV:
+        full_lo, full_end, cut_lo, cut_span, gap_at, gap = _split_bounds(
+            full_lo, full_end, cut_lo, cut_span, gap_at, gap, split, num_splits, S,
+            BLOCK_N=BLOCK_N, HAS_GAP=IS_LOCAL)
+    mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
                  HAS_ALIBI=HAS_ALIBI)
 
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
@@ -151,29 +186,31 @@ def attention_forward_kernel(
         acc, l_i, m_i = _attend_kv_block(
             acc, l_i, m_i, q, offs_m, _block_start(j, Index, 0, 0, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=False),
             offs_n, K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-            L, S, E, EV, qk_scale, qk_scale_lo, mods,
+            L, S, E, EV, qk_scale, qk_scale_lo, mods, Pages, page_size,
             MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
             CHECK_M=CHECK_M, CHECK_N=False,
-            CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
+            CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
+            PAGED=PAGED)
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             acc, l_i, m_i = _attend_kv_block(
                 acc, l_i, m_i, q, offs_m,
                 _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP),
                 offs_n, K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
-                L, S, E, EV, qk_scale, qk_scale_lo, mods,
+                L, S, E, EV, qk_scale, qk_scale_lo, mods, Pages, page_size,
                 MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
+                CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
+                PAGED=PAGED)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
-    o_ptrs = Out + b * stride_ob + h * stride_oh + m0_64 * stride_om
+    o_ptrs = Out + split * stride_os + b * stride_ob + h * stride_oh + (q0_64 + m0_64) * stride_om
     o_ptrs = o_ptrs + local_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
     _store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    lse_ptrs = Lse + (b * H + h) * L + offs_m
+    lse_ptrs = Lse + split * stride_ls + (b * H + h) * rows_total + q0_64 + offs_m
     if CHECK_M:
         tl.store(lse_ptrs, lse, mask=offs_m < L)
     else:
