@@ -58,13 +58,18 @@ def plan_backward(
         c = config.dq
         q_lists = mask_block_lists(p.mask, L, S, c.block_m, c.block_n, p.features)
     scalars, feature_flags = pl.feature_launch_args(p)
+    packing_args, packing_flags = pl.packing_launch_args(p)
+    seq_args = dict(CuSeqQ=packing_args["CuSeqQ"], CuSeqK=packing_args["CuSeqK"])
     scale, scale_lo = pl.split_scale(p.features.scale)
     flags = dict(
         **dims,
         **feature_flags,
         LARGE_OFFSETS=pl.large_offsets(p, mask, q, k, v, dout),
         INPUT_PRECISION=target.input_precision(p.dtype),
+        VARLEN=packing_flags["VARLEN"],
     )
+    rows_q = pl.program_rows(p)
+    rows_k = S if p.packing is None else p.packing.max_k
     sizes = dict(H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, **scalars, scale=scale, scale_lo=scale_lo)
     pre_tile = preprocess_config(dims["HEAD_DIM_V"])
     pre_flags = dict(
@@ -75,8 +80,8 @@ def plan_backward(
         HAS_DLSE=has_dlse,
     )
     launches = []
-    for bs in pl.batch_chunks(B):
-        nb = bs.stop - bs.start
+    for bs in pl.batch_chunks(p):
+        nb = pl.program_batches(p) if p.packing is not None else q[bs].shape[0]
         mk, al = pl.chunk(mask, bs), pl.chunk(alibi, bs)
         kv_ct, kv_ix = (pl.chunk(t, bs) for t in kv_lists)
         q_ct, q_ix = (pl.chunk(t, bs) for t in q_lists)
@@ -94,7 +99,7 @@ def plan_backward(
             pl.Launch(
                 "backward",
                 "attention_backward_preprocess_kernel",
-                (pl.cdiv(L, pre_tile.block_m), Hq, nb),
+                (pl.cdiv(L, pre_tile.block_m), Hq, q[bs].shape[0]),
                 pre_args,
                 pre_flags,
                 pre_tile,
@@ -102,24 +107,28 @@ def plan_backward(
         )
         c = config.dkdv
         dkdv_args = dict(
-            DK=dk[bs], DV=dv[bs], **inputs, BlockCount=kv_ct, BlockIndex=kv_ix, **input_strides,
+            DK=dk[bs], DV=dv[bs], **inputs, BlockCount=kv_ct, BlockIndex=kv_ix, **seq_args, **input_strides,
             **pl.strides("dk", dk, "bhnk"), **pl.strides("dv", dv, "bhnk"),
             **pl.strides("c", kv_ct, "bhn", broadcast=True), **pl.strides("i", kv_ix, "bhn", broadcast=True), **sizes,
         )  # fmt: skip
         dkdv_flags = dict(**flags, **pl.tile_constexprs(p, c), KEY_MAJOR=c.key_major)
         launches.append(
             pl.Launch(
-                "backward", "attention_backward_dkdv_kernel", (pl.cdiv(S, c.block_n), Hkv, nb), dkdv_args, dkdv_flags, c
+                "backward", "attention_backward_dkdv_kernel", (pl.cdiv(rows_k, c.block_n), Hkv, nb), dkdv_args,
+                dkdv_flags, c,
             )
         )
         c = config.dq
         dq_args = dict(
-            DQ=dq[bs], **inputs, BlockCount=q_ct, BlockIndex=q_ix, **input_strides, **pl.strides("dq", dq, "bhmk"),
+            DQ=dq[bs], **inputs, BlockCount=q_ct, BlockIndex=q_ix, **seq_args, **input_strides,
+            **pl.strides("dq", dq, "bhmk"),
             **pl.strides("c", q_ct, "bhm", broadcast=True), **pl.strides("i", q_ix, "bhm", broadcast=True), **sizes,
         )  # fmt: skip
         dq_flags = dict(**flags, **pl.tile_constexprs(p, c))
         launches.append(
-            pl.Launch("backward", "attention_backward_dq_kernel", (pl.cdiv(L, c.block_m), Hq, nb), dq_args, dq_flags, c)
+            pl.Launch(
+                "backward", "attention_backward_dq_kernel", (pl.cdiv(rows_q, c.block_m), Hq, nb), dq_args, dq_flags, c
+            )
         )
     return launches
 
@@ -141,7 +150,8 @@ def triton_attention_backward(
     """
     if p.q.numel() == 0 or p.seqlen_k == 0:
         return tuple(torch.zeros(t.shape, dtype=p.dtype, device=p.device) for t in (p.q, p.k, p.v))
-    # Every element is written by one program: no memset needed.
-    grads = tuple(torch.empty(t.shape, dtype=p.dtype, device=p.device) for t in (p.q, p.k, p.v))
+    # Every element is written by one program: no memset needed. Packed calls keep their layout.
+    new = torch.empty_like if p.packing is not None else lambda t: torch.empty(t.shape, dtype=p.dtype, device=p.device)
+    grads = tuple(new(t) for t in (p.q, p.k, p.v))
     pl.run(plan_backward(p, out, lse, dout, dlse, grads, config), p.device)
     return grads

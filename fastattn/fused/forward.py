@@ -83,7 +83,7 @@ def plan_forward(
     if rows == 0:
         return launches
     for bs in pl.batch_chunks(p, splits):
-        nb = pl.program_batches(p) if p.packing is not None else bs.stop - bs.start
+        nb = pl.program_batches(p) if p.packing is not None else q[bs].shape[0]
         mk, ct, ix, al = (pl.chunk(t, bs) for t in (mask, counts, index, alibi))
         o, lse_out = (out[bs], lse[bs]) if splits == 1 else (part_out[:, bs], part_lse[:, bs])
         o_first = o if splits == 1 else o[0]
@@ -112,7 +112,7 @@ def plan_forward(
                 CHECK_M=L % combine_tile.block_m != 0,
                 CHECK_EV=dims["CHECK_EV"],
             )
-            grid = (pl.cdiv(L, combine_tile.block_m), Hq, bs.stop - bs.start)
+            grid = (pl.cdiv(L, combine_tile.block_m), Hq, q[bs].shape[0])
             launches.append(pl.Launch("decode", "split_kv_combine_kernel", grid, comb_args, comb_flags, combine_tile))
     return launches
 

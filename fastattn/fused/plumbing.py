@@ -236,14 +236,15 @@ def tile_constexprs(p: Problem, tile: TileConfig) -> dict[str, object]:
 
 def batch_chunks(p: Problem, per_batch: int = 1) -> Iterator[slice]:
     """Slices of the batch axis whose grid axis z (per_batch programs per batch) stays within
-    MAX_GRID_YZ, one launch each. A packed call is one batch whose sequences run along axis z."""
+    MAX_GRID_YZ, one launch each. A packed call is one batch whose sequences run along axis z: its
+    slice is the whole of every tensor (per-sequence ALiBi slopes included)."""
     if p.packing is not None:
         if p.packing.num_seqs * per_batch > MAX_GRID_YZ:
             raise ValueError(
                 f"the Triton kernels take up to {MAX_GRID_YZ // per_batch} packed sequences here, "
                 f"got {p.packing.num_seqs}"
             )
-        yield slice(0, 1)
+        yield slice(None)
         return
     step = MAX_GRID_YZ // per_batch
     for b0 in range(0, p.batch, step):

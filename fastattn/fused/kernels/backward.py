@@ -23,7 +23,10 @@ LARGE_OFFSETS). As in the forward, each kernel visits its blocks through one ste
 blocks (no mask tile, no causal or window check) and one for cut blocks (the kernel's MASK_KIND,
 IS_CAUSAL and IS_LOCAL); blocks outside a window's band are never visited. With a softcap c the
 scores are s = c * tanh(scale * q.k / c), so dS is multiplied by 1 - tanh^2 (the score step
-recomputes it) before the dK and dQ products, whose final factor stays `scale`.
+recomputes it) before the dK and dQ products, whose final factor stays `scale`. Packed calls
+(VARLEN) run the dK/dV and dQ kernels per sequence, as the forward does (common._sequence: grid
+axis 2 is the sequence, sized by max_k / max_q); the preprocess kernel is row-wise and runs on the
+packed rows as they are.
 """
 
 import triton
@@ -40,6 +43,7 @@ from .common import (
     _row_offsets,
     _scaled,
     _score_step,
+    _sequence,
     _store_tile,
 )
 
@@ -199,7 +203,7 @@ def _query_block_bounds(
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    DK, DV, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi,
+    DK, DV, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -219,6 +223,7 @@ def attention_backward_dkdv_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):
     """DK (B, Hkv, S, E), DV (B, Hkv, S, EV) of one block of BLOCK_N keys of one KV head.
 
@@ -248,15 +253,32 @@ def attention_backward_dkdv_kernel(
     FULL_PHASE: tl.constexpr = 0 if FROM_LIST else 1
     start_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    seq = tl.program_id(2).to(tl.int64)
+    if VARLEN:  # packed calls are one batch of packed rows; axis 2 is the sequence
+        b = seq * 0
+    else:
+        b = seq
+    rows_total = L  # the row stride of Lse and Delta, before L becomes the sequence's length
+    q0, k0, L, S, causal_offset, window_lo = _sequence(
+        CuSeqQ, CuSeqK, CuSeqK, seq, L, S, causal_offset, window_lo,
+        VARLEN=VARLEN, HAS_CU_K=True, HAS_SEQUSED=False)
     n0 = start_n * BLOCK_N
+    if VARLEN:
+        if n0 >= S:  # the grid is sized by max_k: this sequence is shorter
+            return
     n0_64 = n0.to(tl.int64)
+    q0_64 = q0.to(tl.int64)
+    k0_64 = k0.to(tl.int64)
     local_n = tl.arange(0, BLOCK_N)
     offs_n = n0 + local_n
     offs_mb = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
 
+    K = K + k0_64 * stride_kn
+    V = V + k0_64 * stride_vn
+    DK = DK + k0_64 * stride_dkn
+    DV = DV + k0_64 * stride_dvn
     k_ptrs = K + b * stride_kb + kvh * stride_kh + n0_64 * stride_kn
     k = _load_tile(k_ptrs + local_n[:, None] * stride_kn + offs_dk[None, :] * stride_kk,
                    offs_n, S, offs_dk, E, CHECK_N, CHECK_E)
@@ -269,17 +291,17 @@ def attention_backward_dkdv_kernel(
 
     for g in range(0, GROUP):
         h = kvh * GROUP + g
-        Q_head = Q + b * stride_qb + h * stride_qh
-        DO_head = DO + b * stride_dob + h * stride_doh
-        Lse_row = Lse + (b * H + h) * L
-        Delta_row = Delta + (b * H + h) * L
+        Q_head = Q + b * stride_qb + h * stride_qh + q0_64 * stride_qm
+        DO_head = DO + b * stride_dob + h * stride_doh + q0_64 * stride_dom
+        Lse_row = Lse + (b * H + h) * rows_total + q0_64
+        Delta_row = Delta + (b * H + h) * rows_total + q0_64
         M_cols = Mask + b * stride_mb + h * stride_mh + n0_64 * stride_mn
         Counts = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
         Index = BlockIndex + b * stride_ib + h * stride_ih + start_n * stride_in
         full_lo, full_end, cut_lo, cut_span, gap_at, gap = _query_block_bounds(
             Counts, n0, L, causal_offset, window_lo,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
-        mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+        mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
                      HAS_ALIBI=HAS_ALIBI)
         for phase in tl.static_range(2):
             if phase == FULL_PHASE:
@@ -350,7 +372,7 @@ def _dq_key_block(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    DQ, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi,
+    DQ, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -368,7 +390,7 @@ def attention_backward_dq_kernel(
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
     """DQ (B, H, L, E) of one block of BLOCK_M query rows of one query head.
 
@@ -387,33 +409,49 @@ def attention_backward_dq_kernel(
     HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
+    seq = tl.program_id(2).to(tl.int64)
+    if VARLEN:  # packed calls are one batch of packed rows; axis 2 is the sequence
+        b = seq * 0
+    else:
+        b = seq
+    rows_total = L  # the row stride of Lse and Delta, before L becomes the sequence's length
+    q0, k0, L, S, causal_offset, window_lo = _sequence(
+        CuSeqQ, CuSeqK, CuSeqK, seq, L, S, causal_offset, window_lo,
+        VARLEN=VARLEN, HAS_CU_K=True, HAS_SEQUSED=False)
     kvh = h // GROUP
     m0 = start_m * BLOCK_M
+    if VARLEN:
+        if m0 >= L:  # the grid is sized by max_q: this sequence is shorter
+            return
     m0_64 = m0.to(tl.int64)
+    q0_64 = q0.to(tl.int64)
+    k0_64 = k0.to(tl.int64)
     local_m = tl.arange(0, BLOCK_M)
     offs_m = m0 + local_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, HEAD_DIM)
     offs_dv = tl.arange(0, HEAD_DIM_V)
 
+    Q = Q + q0_64 * stride_qm
+    DO = DO + q0_64 * stride_dom
+    DQ = DQ + q0_64 * stride_dqm
     q_ptrs = Q + b * stride_qb + h * stride_qh + m0_64 * stride_qm
     q = _load_tile(q_ptrs + local_m[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
                    offs_m, L, offs_dk, E, CHECK_M, CHECK_E)
     do_ptrs = DO + b * stride_dob + h * stride_doh + m0_64 * stride_dom
     do = _load_tile(do_ptrs + local_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    lse2 = _lse_log2(Lse + (b * H + h) * L, offs_m, L, CHECK_M)
-    delta = _load_rows(Delta + (b * H + h) * L + offs_m, offs_m, L, 0.0, CHECK_M)
-    K_head = K + b * stride_kb + kvh * stride_kh
-    V_head = V + b * stride_vb + kvh * stride_vh
+    lse2 = _lse_log2(Lse + (b * H + h) * rows_total + q0_64, offs_m, L, CHECK_M)
+    delta = _load_rows(Delta + (b * H + h) * rows_total + q0_64 + offs_m, offs_m, L, 0.0, CHECK_M)
+    K_head = K + b * stride_kb + kvh * stride_kh + k0_64 * stride_kn
+    V_head = V + b * stride_vb + kvh * stride_vh + k0_64 * stride_vn
     M_rows = Mask + b * stride_mb + h * stride_mh + m0_64 * stride_mm
     Counts = BlockCount + b * stride_cb + h * stride_ch + start_m * stride_cm
     Index = BlockIndex + b * stride_ib + h * stride_ih + start_m * stride_im
     full_lo, full_end, cut_lo, cut_span, gap_at, gap = _key_block_bounds(
         Counts, m0, L, S, causal_offset, window_lo,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
-    mods = _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
+    mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
                  HAS_ALIBI=HAS_ALIBI)
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=acc_ty)
