@@ -166,10 +166,12 @@ def test_opcheck_both_ops():
     mask = torch.randn(2, 1, 9, 13)
     alibi = torch.rand(1, 4)
     ints, floats = Features(0.25, causal_offset=0, window_lo=-3, softcap=5.0).pack()
-    args = (q, k, v, mask, alibi, ints, floats, "cpu")
+    dense = (None, None, None, None)  # no packing
+    args = (q, k, v, mask, alibi, *dense, ints, floats, [], "cpu")
     torch.library.opcheck(attention_forward, args)
     out, lse = attention_forward(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, alibi, ints, floats, "cpu", True)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, alibi, None, None, ints, floats,
+             [], "cpu", True)  # fmt: skip
     torch.library.opcheck(attention_backward, bargs)
 
 
