@@ -145,12 +145,37 @@ _BACKWARD_MODIFIED_DKDV = {
 _INTERPRETER_TILE = TileConfig(32, 32, 4, 1)
 
 
+def decode_tile(head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int]) -> TileConfig:
+    """The forward tile of decode shapes (at most 16 query rows per program, no mask): 16 rows, the
+    fewest tl.dot takes (Hopper's warpgroup MMA needs 64, so these use the sm_80 instructions:
+    decoding is bound by reading K and V, not by the MMAs), 4 warps, and key blocks as wide as
+    compile spill-free on sm_80 and sm_90 for the packed, split and paged variants (fused.aot): 16-bit
+    64 keys up to E = 64, 32 at 128, 16 at 256; float32 32. Not yet timed on a GPU."""
+    wide = max(head_dim, head_dim_v)
+    hopper = capability[0] >= 9
+    if dtype == torch.float32:
+        return TileConfig(16, 32, 4, 2 if wide > 128 or not hopper else 3)
+    if wide <= 64:
+        return TileConfig(16, 64, 4, 3 if hopper else 2)
+    if wide <= 128:
+        return TileConfig(16, 32, 4, 2)
+    return TileConfig(16, 16, 4, 3)
+
+
 def default_forward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    masked: bool = False,
+    decode: bool = False,
 ) -> TileConfig:
-    """The built-in forward choice. head_dim/head_dim_v are padded; capability None = Triton's interpreter."""
+    """The built-in forward choice. head_dim/head_dim_v are padded; capability None = Triton's
+    interpreter; decode: at most 16 query rows per program and no mask (:func:`decode_tile`)."""
     if capability is None:
         return _INTERPRETER_TILE
+    if decode:
+        return decode_tile(head_dim, head_dim_v, dtype, capability)
     key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v), masked)
     return TileConfig(*_FORWARD_TABLE[key])
 
@@ -212,11 +237,17 @@ def _replace(kind: str, fn: Callable | None) -> None:
 
 
 def forward_config(
-    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int] | None, masked: bool = False
+    head_dim: int,
+    head_dim_v: int,
+    dtype: torch.dtype,
+    capability: tuple[int, int] | None,
+    masked: bool = False,
+    decode: bool = False,
 ) -> TileConfig:
     """The forward tiles the launcher uses (the built-in choice unless replaced); masked: the scores
-    get element-wise work beyond causality (a tensor attn_mask or a score modifier)."""
-    return _config("forward", head_dim, head_dim_v, dtype, capability, masked)
+    get element-wise work beyond causality (a tensor attn_mask or a score modifier); decode: at
+    most 16 query rows per program, no mask (a replacement function gets it if it declares it)."""
+    return _config("forward", head_dim, head_dim_v, dtype, capability, masked, decode=decode)
 
 
 def backward_config(

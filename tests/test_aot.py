@@ -50,7 +50,8 @@ def _check_spill_free(rows: list[dict]) -> None:
     spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, f"{len(spilling)} configurations spill registers to local memory: {spilling[:3]}"
     # On sm_90 the 16-bit kernels with tiles must use Hopper's warpgroup MMA (HGMMA), not the sm_80 path.
-    tiled = [r for r in rows if not r["variant"].startswith("preprocess")]
+    # Decode tiles have 16 rows, fewer than the warpgroup MMA takes (configs.decode_tile).
+    tiled = [r for r in rows if not r["variant"].startswith(("preprocess", "combine")) and r["block_m"] >= 64]
     no_wgmma = [r for r in tiled if r["arch"] == 90 and r["dtype"] != "fp32" and not r["hgmma"]]
     assert not no_wgmma, f"sm_90 16-bit kernels without HGMMA: {no_wgmma[:3]}"
 
@@ -88,6 +89,25 @@ def test_modifier_variants_compile_spill_free():
     )  # fmt: skip
     backward = _compile(
         "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
+    )  # fmt: skip
+    _check_spill_free(forward + backward)
+
+
+VARLEN_VARIANTS = "varlen-causal,varlen-softcap-alibi-window"
+DECODE_VARIANTS = "split-decode,paged-split-decode"
+
+
+def test_varlen_and_decode_variants_compile_spill_free():
+    """Packed calls (the forward and both backward kernels, per sequence), split-KV decoding over
+    contiguous and paged caches (the forward with SPLIT_KV and PAGED, and the combine kernel), fp16
+    and fp32, head dims 64, 128, 256 (backward: 64, 128): no spills, shared memory fits."""
+    forward = _compile(
+        "--kernels", "forward,combine", "--dtypes", "fp16,fp32", "--head-dims", "64,128,256",
+        "--variants", f"{VARLEN_VARIANTS},{DECODE_VARIANTS}",
+    )  # fmt: skip
+    assert {r["variant"] for r in forward} >= {"split-decode", "combine:paged-split-decode", "varlen-causal"}
+    backward = _compile(
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
 

@@ -42,6 +42,7 @@ KERNELS = {
     "preprocess": "attention_backward_preprocess_kernel",
     "dkdv": "attention_backward_dkdv_kernel",
     "dq": "attention_backward_dq_kernel",
+    "combine": "split_kv_combine_kernel",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
@@ -65,6 +66,9 @@ class Variant:
     window: tuple[int, int] = (-1, -1)
     softcap: float = 0.0
     alibi: bool = False
+    packed: bool = False
+    paged: bool = False
+    splits: int = 1
 
 
 VARIANTS = {
@@ -83,7 +87,13 @@ VARIANTS = {
     "softcap-causal": Variant(causal=True, softcap=50.0),
     "alibi-causal": Variant(causal=True, alibi=True),
     "softcap-alibi-window": Variant(window=(255, 0), softcap=50.0, alibi=True, ragged=True),
+    "varlen-causal": Variant(packed=True, window=(-1, 0)),
+    "varlen-softcap-alibi-window": Variant(packed=True, window=(255, 0), softcap=50.0, alibi=True),
+    "split-decode": Variant(packed=True, window=(-1, 0), splits=4),
+    "paged-split-decode": Variant(packed=True, paged=True, window=(-1, 0), splits=4),
 }
+# Variants of forward-only calls (KV caches are inference only); the combine kernel runs after split ones.
+FORWARD_ONLY_VARIANTS = frozenset(name for name, v in VARIANTS.items() if v.paged or v.splits > 1)
 # The variants every config must compile spill-free (large-offsets is the rare path: reported).
 SPILL_FREE_VARIANTS = tuple(v for v in VARIANTS if v != "large-offsets")
 
@@ -92,6 +102,8 @@ def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
     """A problem of meta tensors (no memory) with the variant's properties; head dims are padded
     ones (a padded variant takes one less)."""
     v = VARIANTS[variant]
+    if v.packed:
+        return _packed_variant_problem(v, dtype, head_dim, head_dim_v)
     L = S = 1000 if v.ragged else 1024
     E, Ev = (head_dim - 1, head_dim_v - 1) if v.padded else (head_dim, head_dim_v)
     meta = dict(device="meta", dtype=dtype)
@@ -110,6 +122,33 @@ def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
     )
 
 
+def _packed_variant_problem(v: Variant, dtype: torch.dtype, head_dim: int, head_dim_v: int):
+    """A packed problem of meta tensors: 4 sequences, 1000 query rows each (one each for a
+    decode variant, split or paged) against 1000 keys (paged: 16 pages of 64 per sequence)."""
+    from ..packed import canonicalize_varlen
+
+    N, Hq, Hkv = 4, 4, 2
+    decode = v.splits > 1 or v.paged
+    L, S = (1 if decode else 1000), 1024 if v.paged else 1000
+    meta = dict(device="meta", dtype=dtype)
+    index = dict(device="meta", dtype=torch.int32)
+    q = torch.empty(N * L, Hq, head_dim, **meta)
+    extra = {}
+    if v.paged:
+        k = torch.empty(N * S // 64, 64, Hkv, head_dim, **meta)
+        v_ = torch.empty(N * S // 64, 64, Hkv, head_dim_v, **meta)
+        extra = dict(seqused_k=torch.empty(N, **index), block_table=torch.empty(N, S // 64, **index))
+        cu_k = None
+    else:
+        k, v_ = torch.empty(N * S, Hkv, head_dim, **meta), torch.empty(N * S, Hkv, head_dim_v, **meta)
+        cu_k = torch.empty(N + 1, **index)
+    alibi = torch.empty(Hq, device="meta", dtype=torch.float32) if v.alibi else None
+    return canonicalize_varlen(
+        q, k, v_, torch.empty(N + 1, **index), cu_k, L, S, window_size=v.window, enable_gqa=True,
+        softcap=v.softcap, alibi_slopes=alibi, num_splits=v.splits, **extra,
+    )  # fmt: skip
+
+
 def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch: int, tile: TileConfig | None = None):
     """The launch the launchers plan for `kernel` on this variant's problem, for sm_<arch>, with
     the dispatcher's config (or `tile` for this kernel instead)."""
@@ -121,8 +160,9 @@ def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch:
     target = pl.Target((arch // 10, arch % 10), allow_tf32=True)
     out = torch.empty(*p.q.shape[:-1], p.head_dim_v, device="meta", dtype=dtype)
     lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
-    if kernel == "forward":
-        return plan_forward(p, out, lse, tile, target)[0]  # tile None: the launcher's own config
+    if kernel in ("forward", "combine"):
+        launches = plan_forward(p, out, lse, tile if kernel == "forward" else None, target)
+        return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
     config = backward_config(
         head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p)
     )
@@ -389,6 +429,8 @@ def main(argv=None) -> int:
             for dt in args.dtypes.split(",")
             for hd, hdv in pairs
             for variant in variants
+            if (kernel in ("forward", "combine") or variant not in FORWARD_ONLY_VARIANTS)
+            and (kernel != "combine" or VARIANTS[variant].splits > 1)
         ]
         if not args.json:
             print(TABLE_HEADER)

@@ -15,8 +15,8 @@ from .block_lists import mask_block_lists
 
 
 def _sm_count(p: Problem, target: pl.Target) -> int | None:
-    if target.capability is None:
-        return None
+    if target.capability is None or p.device.type != "cuda":
+        return None  # the interpreter, or the AOT tool planning for a GPU from CPU tensors
     return torch.cuda.get_device_properties(p.device).multi_processor_count
 
 
@@ -51,8 +51,9 @@ def plan_forward(
     dims = pl.head_dim_constexprs(p)
     if config is None:
         config = forward_config(
-            dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p)
-        )
+            dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p),
+            decode=p.mask is None and pl.program_rows(p) <= 16,
+        )  # fmt: skip
     packing_args, packing_flags = pl.packing_launch_args(p)
     if packing_flags["PAGED"]:  # a key block must lie in one page
         config = dataclasses.replace(config, block_n=math.gcd(config.block_n, p.packing.page_size))

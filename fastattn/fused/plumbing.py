@@ -210,8 +210,10 @@ def modified_scores(p: Problem) -> bool:
 def masked_tiles(p: Problem) -> bool:
     """Do the forward configs' `masked` tiles serve `p`? Their narrower key blocks leave registers
     for work on every score beyond the causal check: a mask tile or a score modifier (the wider
-    tiles compile at the register limit without them; fused.aot's reports)."""
-    return p.mask is not None or modified_scores(p)
+    tiles compile at the register limit without them; fused.aot's reports), and for packed calls
+    the per-sequence bounds and checked loads (the wider tiles spill in the varlen variants).
+    Decode shapes take configs.decode_tile instead."""
+    return p.mask is not None or modified_scores(p) or p.packing is not None
 
 
 def head_dim_constexprs(p: Problem) -> dict[str, object]:
