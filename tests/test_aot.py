@@ -94,7 +94,7 @@ def test_modifier_variants_compile_spill_free():
 
 
 VARLEN_VARIANTS = "varlen-causal,varlen-softcap-alibi-window"
-DECODE_VARIANTS = "split-decode,paged-split-decode"
+DECODE_VARIANTS = "split-decode,paged-split-decode,dense-split-decode"
 
 
 def test_varlen_and_decode_variants_compile_spill_free():

@@ -87,6 +87,20 @@ def test_axis_overrides_replace_every_family_and_seqlens_drop_long_context():
     assert {(c.dtype, c.L, c.D, c.causal) for c in cases} == {(torch.bfloat16, L, 32, True) for L in (64, 128)}
 
 
+def test_decode_family_is_one_query_against_a_cache_timed_forward_only():
+    cuda = sweep_cases("cuda", families=("decode",))
+    assert {(c.B, c.L, c.S) for c in cuda} == {(B, 1, S) for B in (1, 16, 64) for S in (1024, 16384, 131072)}
+    assert all(c.inference and (c.Hq, c.Hkv, c.D) == (32, 8, 128) and not c.causal for c in cuda)
+    case = sweep_cases("cpu", quick=True, families=("decode",))[0]
+    assert case.L == 1 and case.kv_bytes == 2 * case.B * case.Hkv * case.S * case.D * 4
+    row = measure(fake("sdpa", sdpa), case, "bwd", FAST)
+    assert row.status == "skipped" and "inference only" in row.reason
+    row = measure(fake("sdpa", sdpa), case, "fwd", FAST)
+    rec = report.record(row, report.metadata(FAST, "python -m fastattn.bench --test", CEILINGS))
+    assert rec["kv_gbps"] == pytest.approx(case.kv_bytes / row.timing.median_s / 1e9)
+    assert rec["pct_of_copy"] == pytest.approx(100 * rec["kv_gbps"] / CEILINGS["copy_gbps"])
+
+
 def test_modifier_families_follow_the_models():
     cuda = {c.family: c for c in sweep_cases("cuda")}
     assert cuda["window"].window == 4096 and {c.L for c in sweep_cases("cuda", families=("window",))} == {16384, 32768}

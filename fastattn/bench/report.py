@@ -59,6 +59,8 @@ ROW_FIELDS = (
     "samples",
     "gflop",
     "tflops",
+    "kv_gbps",
+    "pct_of_copy",
     "pct_of_matmul_peak",
     "peak_mem_mib",
     "max_err",
@@ -136,6 +138,8 @@ def record(row: Row, meta: dict) -> dict:
         samples=t and t.samples,
         gflop=row.flops / 1e9,
         tflops=row.tflops,
+        kv_gbps=None if t is None else c.kv_bytes / t.median_s / 1e9,
+        pct_of_copy=None if t is None else 100 * c.kv_bytes / t.median_s / 1e9 / meta["ceilings"]["copy_gbps"],
         pct_of_matmul_peak=None if row.tflops is None or not peak else 100 * row.tflops / peak,
         peak_mem_mib=None if row.peak_bytes is None else row.peak_bytes / 2**20,
         max_err=g and g.max_err,
@@ -183,6 +187,7 @@ def header_markdown(meta: dict) -> str:
         f"device-to-device copy {c['copy_gbps']:.3g} GB/s (read + write).",
         "",
         "TFLOP/s: forward 4·B·H·L·S·D, halved when causal; backward 2.5x, fwd+bwd 3.5x the forward. "
+        "Decode rows: K/V bytes read (2·B·Hkv·S·D·itemsize) per second, against the copy rate. "
         "% of matmul: TFLOP/s over this run's torch.mm rate in the same dtype (a fused kernel can pass it "
         "where torch.mm does not reach the chip's peak). Times: median (p20–p80). Peak MiB: what one call "
         "allocates beyond its inputs. Every timed row first matched the float64 reference within its bound "
@@ -210,6 +215,9 @@ def case_markdown(records: Sequence[dict]) -> str:
             if r["checked_on"] != "full":
                 err += f" (on {r['checked_on']})"
             note = r["note"]
+            if r["family"] == "decode" and r["kv_gbps"] is not None:
+                kv = f"K/V read at {_num(r['kv_gbps'])} GB/s ({_num(r['pct_of_copy'])}% of copy)"
+                note = "; ".join(filter(None, [note, kv]))
             if r["speedup_vs_best_sdpa"] is not None:
                 vs = f"{_num(r['speedup_vs_sdpa'])}x sdpa, " if r["speedup_vs_sdpa"] is not None else ""
                 note = "; ".join(

@@ -159,6 +159,8 @@ def _check_and_time(provider: Provider, case: Case, mode: str, settings: Setting
 def measure(provider: Provider, case: Case, mode: str, settings: Settings) -> Row:
     """The row of one provider on one case and mode (see the module docstring)."""
     device = settings.device
+    if case.inference and mode != "fwd":
+        return Row(case, mode, provider.name, "skipped", "a decode step is inference only: its forward is timed")
     if not settings.explicit_providers and device in provider.default_skip:
         return Row(case, mode, provider.name, "skipped", provider.default_skip[device])
     if provider.materializes_scores and device == "cpu":

@@ -13,7 +13,9 @@ point of a plot does about the same work per token:
 Score modifiers have families of their own, shaped after the models that use them: "window"
 (Mistral: a causal sliding window of 4096 keys at 16k-32k tokens on CUDA; 512 keys at 4k and 16k
 on CPU, where its cost must grow with L, not L^2), "softcap" (Gemma 2: softcap 50, D = 256 on CUDA)
-and "alibi" (BLOOM: ALiBi slopes, MHA).
+and "alibi" (BLOOM: ALiBi slopes, MHA). "decode" times one query per sequence against a KV cache
+(Llama-style 32/8 heads, D = 128; batch 1..64, cache 1k..128k on CUDA, 4k and 16k on CPU), forward
+only; its rows also give the K/V bytes read per second.
 
 ``--quick`` shrinks both to a sweep of seconds (CPU) or a minute (CUDA).
 """
@@ -89,6 +91,12 @@ class Case:
     window: int = 0
     softcap: float = 0.0
     alibi: bool = False
+    inference: bool = False  # a decode step: only its forward is timed
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of K and V a call must read at least once: what bounds a decode step."""
+        return 2 * self.B * self.Hkv * self.S * self.D * self.dtype.itemsize
 
     @property
     def modifiers(self) -> list[str]:
@@ -178,16 +186,20 @@ class Family:
     window: int = 0  # the modifiers of every case (see Case)
     softcap: float = 0.0
     alibi: bool = False
+    query_len: int = 0  # decode families: L queries against S = seqlens keys (0: L = S)
+    batches: tuple[int, ...] = ()  # decode families: these batch sizes instead of tokens // L
 
     def cases(self) -> list[Case]:
         out = []
-        mods = dict(window=self.window, softcap=self.softcap, alibi=self.alibi)
+        mods = dict(window=self.window, softcap=self.softcap, alibi=self.alibi, inference=bool(self.query_len))
         for dtype in self.dtypes:
             for D in self.head_dims:
                 Hq, Hkv = self.heads or (max(1, self.hidden // D),) * 2
                 for causal in self.causal:
-                    for L in self.seqlens:
-                        out.append(Case(self.name, dtype, max(1, self.tokens // L), Hq, Hkv, L, L, D, causal, **mods))
+                    for S in self.seqlens:
+                        L = self.query_len or S
+                        for B in self.batches or (max(1, self.tokens // L),):
+                            out.append(Case(self.name, dtype, B, Hq, Hkv, L, S, D, causal, **mods))
         return out
 
 
@@ -202,6 +214,7 @@ def default_families(device: str, quick: bool) -> list[Family]:
                 Family("mha", 8192, (512, 2048), (64, 128), both, bf16, hidden=2048),
                 Family("gqa", 8192, (2048,), (128,), (True,), bf16, heads=(32, 8)),
                 Family("window", 16384, (16384,), (128,), (True,), bf16, heads=(32, 8), window=4096),
+                Family("decode", 0, (16384,), (128,), (False,), bf16, heads=(32, 8), query_len=1, batches=(1, 64)),
             ]
         seqlens = (512, 1024, 2048, 4096, 8192, 16384)
         return [
@@ -211,6 +224,10 @@ def default_families(device: str, quick: bool) -> list[Family]:
             Family("window", 16384, (16384, 32768), (128,), (True,), bf16, heads=(32, 8), window=4096),
             Family("softcap", 16384, (4096, 8192), (256,), (True,), bf16, heads=(16, 8), softcap=50.0),
             Family("alibi", 16384, (2048, 8192), (128,), (True,), bf16, heads=(16, 16), alibi=True),
+            Family(
+                "decode", 0, (1024, 16384, 131072), (128,), (False,), bf16, heads=(32, 8), query_len=1,
+                batches=(1, 16, 64),
+            ),
         ]
     f32 = (torch.float32,)
     if quick:
@@ -218,6 +235,7 @@ def default_families(device: str, quick: bool) -> list[Family]:
             Family("mha", 512, (128, 256), (64,), both, f32, hidden=128),
             Family("gqa", 512, (256,), (64,), (True,), f32, heads=(4, 1)),
             Family("window", 512, (512,), (64,), (True,), f32, heads=(2, 1), window=64),
+            Family("decode", 0, (2048,), (64,), (False,), f32, heads=(8, 2), query_len=1, batches=(1, 4)),
         ]
     return [
         Family("mha", 2048, (512, 1024, 2048), (64, 128), both, f32, hidden=512),
@@ -226,6 +244,7 @@ def default_families(device: str, quick: bool) -> list[Family]:
         Family("window", 1, (4096, 16384), (64,), (True,), f32, heads=(4, 1), window=512),
         Family("softcap", 2048, (1024,), (64,), (True,), f32, heads=(8, 4), softcap=50.0),
         Family("alibi", 2048, (1024,), (64,), (True,), f32, heads=(8, 8), alibi=True),
+        Family("decode", 0, (4096, 16384), (128,), (False,), f32, heads=(32, 8), query_len=1, batches=(1, 8)),
     ]
 
 
@@ -241,8 +260,8 @@ def sweep_cases(
 ) -> list[Case]:
     """The cases of the default sweep, with any of its axes replaced.
 
-    Each given axis replaces that axis in every family. Giving seqlens drops the "long" family,
-    whose lengths are what define it; giving head_dims keeps the hidden size (Hq * D) of the
+    Each given axis replaces that axis in every family. Giving seqlens drops the "long" and
+    "decode" families, whose lengths are what define them; giving head_dims keeps the hidden size (Hq * D) of the
     families that have one and the fixed heads of the others. families: keep only these (by name).
     """
     chosen = families
@@ -253,7 +272,7 @@ def sweep_cases(
             raise ValueError(f"families {sorted(unknown)} are not in the {device} sweep ({[f.name for f in families]})")
         families = [f for f in families if f.name in chosen]
     if seqlens is not None:
-        families = [replace(f, seqlens=seqlens) for f in families if f.name != "long"]
+        families = [replace(f, seqlens=seqlens) for f in families if f.name not in ("long", "decode")]
     for axis, value in (("dtypes", dtypes), ("head_dims", head_dims), ("causal", causal)):
         if value is not None:
             families = [replace(f, **{axis: value}) for f in families]

@@ -69,6 +69,7 @@ class Variant:
     packed: bool = False
     paged: bool = False
     splits: int = 1
+    decode: bool = False
 
 
 VARIANTS = {
@@ -90,6 +91,7 @@ VARIANTS = {
     "varlen-causal": Variant(packed=True, window=(-1, 0)),
     "varlen-softcap-alibi-window": Variant(packed=True, window=(255, 0), softcap=50.0, alibi=True),
     "split-decode": Variant(packed=True, window=(-1, 0), splits=4),
+    "dense-split-decode": Variant(decode=True, window=(-1, 0), splits=4),
     "paged-split-decode": Variant(packed=True, paged=True, window=(-1, 0), splits=4),
 }
 # Variants of forward-only calls (KV caches are inference only); the combine kernel runs after split ones.
@@ -105,6 +107,8 @@ def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
     if v.packed:
         return _packed_variant_problem(v, dtype, head_dim, head_dim_v)
     L = S = 1000 if v.ragged else 1024
+    if v.decode:  # one new query against a cache: fastattn.attention's split-KV shape
+        L, S = 1, 4096
     E, Ev = (head_dim - 1, head_dim_v - 1) if v.padded else (head_dim, head_dim_v)
     meta = dict(device="meta", dtype=dtype)
     q = torch.empty(2, 2, L, E, **meta)
@@ -161,7 +165,8 @@ def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch:
     out = torch.empty(*p.q.shape[:-1], p.head_dim_v, device="meta", dtype=dtype)
     lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
     if kernel in ("forward", "combine"):
-        launches = plan_forward(p, out, lse, tile if kernel == "forward" else None, target)
+        splits = VARIANTS[variant].splits
+        launches = plan_forward(p, out, lse, tile if kernel == "forward" else None, target, num_splits=splits)
         return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
     config = backward_config(
         head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p)

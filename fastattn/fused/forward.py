@@ -14,6 +14,9 @@ from . import plumbing as pl
 from .block_lists import mask_block_lists
 
 
+DECODE_ROWS = 16  # at most this many query rows (per sequence): a decode shape (configs.decode_tile)
+
+
 def _sm_count(p: Problem, target: pl.Target) -> int | None:
     if target.capability is None or p.device.type != "cuda":
         return None  # the interpreter, or the AOT tool planning for a GPU from CPU tensors
@@ -22,12 +25,15 @@ def _sm_count(p: Problem, target: pl.Target) -> int | None:
 
 def split_count(p: Problem, config: TileConfig, target: pl.Target, num_splits: int | None = None) -> int:
     """The split-KV factor of `p`'s forward: `num_splits` (or a packed call's own), else
-    configs.kv_splits for calls the range loops serve (no mask) on a GPU; 1 otherwise. Capped so
+    configs.kv_splits for decode shapes (at most DECODE_ROWS query rows, no mask) on a GPU; 1
+    otherwise. Capped so
     that grid axis z and the splits' key slices stay meaningful."""
     asked = num_splits or (p.packing.num_splits if p.packing is not None else 0)
     max_k = p.seqlen_k if p.packing is None else p.packing.max_k
     if p.mask is not None:
         return 1  # masked calls visit host-built block lists, which do not split
+    if not asked and pl.program_rows(p) > DECODE_ROWS:
+        return 1  # longer queries fill the GPU by themselves, with the tiles the AOT reports check
     if not asked:
         programs = pl.cdiv(pl.program_rows(p), config.block_m) * p.heads_q * pl.program_batches(p)
         asked = kv_splits(programs, max_k, config.block_n, _sm_count(p, target))
@@ -52,7 +58,7 @@ def plan_forward(
     if config is None:
         config = forward_config(
             dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p),
-            decode=p.mask is None and pl.program_rows(p) <= 16,
+            decode=p.mask is None and pl.program_rows(p) <= DECODE_ROWS,
         )  # fmt: skip
     packing_args, packing_flags = pl.packing_launch_args(p)
     if packing_flags["PAGED"]:  # a key block must lie in one page
