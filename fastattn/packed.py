@@ -282,8 +282,10 @@ def run_problem(p: Problem, r: Run) -> Problem:
     """The dense problem of run `r`: q (count, Hq, L, E), k (count, Hkv, S, E), v likewise, with
     the features anchored at (L, S) and the run's ALiBi slopes."""
     if p.packing.block_table is not None:
+        # Whole pool rows (Hkv * E contiguous values each) gathered into the run's own packed rows,
+        # then seen as (count, Hkv, S, E) like a contiguous cache's slots.
         idx = _paged_rows(p, r)
-        k, v = (t[0].index_select(1, idx).unflatten(1, (r.count, r.S)).transpose(0, 1) for t in (p.k, p.v))
+        k, v = (t[0].transpose(0, 1).index_select(0, idx).unflatten(0, (r.count, r.S)).transpose(1, 2) for t in (p.k, p.v))
     else:
         k, v = (rows_of(t, r.k0, r.count, r.slot, r.S) for t in (p.k, p.v))
     alibi = p.alibi
