@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .features import anchored, check_features, relative_window
-from .problem import Packing, Problem, _check_tensor
+from .features import _check_window, anchored, check_features, relative_window
+from .problem import MAX_HEAD_DIM, Packing, Problem, _check_alibi, _check_tensor
 
 
 def _check_index(name: str, t, query: torch.Tensor, dims: int) -> None:
@@ -85,16 +85,18 @@ def canonicalize_varlen(
     if Ek != E:
         raise ValueError(f"head dim of query ({E}) and key ({Ek}) must match")
     if v_rows != kv_rows:
-        raise ValueError(f"key and value must have the same leading dims, got {tuple(key.shape)} and {tuple(value.shape)}")
+        raise ValueError(
+            f"key and value must have the same leading dims, got {tuple(key.shape)} and {tuple(value.shape)}"
+        )
     if Hv != Hkv:
         raise ValueError(f"key has {Hkv} heads but value has {Hv}")
-    from .problem import MAX_HEAD_DIM
-
     if E < 1 or Ev < 1 or E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be in 1..{MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
     if Hq != Hkv:
         if not enable_gqa:
-            raise ValueError(f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention")
+            raise ValueError(
+                f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention"
+            )
         if Hkv == 0 or Hq % Hkv != 0:
             raise ValueError(f"enable_gqa=True needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
 
@@ -132,12 +134,8 @@ def canonicalize_varlen(
     features = check_features(
         scale=scale, head_dim=E, causal_offset=None, dropout_p=0.0, window_size=(-1, -1), softcap=softcap
     )
-    from .features import _check_window
-
     lower, upper = relative_window(_check_window(window_size))
     features = dataclasses.replace(features, causal_offset=upper, window_lo=lower)
-
-    from .problem import _check_alibi
 
     alibi = _check_alibi(alibi_slopes, query, (N,) if N > 0 else (), Hq)
 
@@ -285,7 +283,9 @@ def run_problem(p: Problem, r: Run) -> Problem:
         # Whole pool rows (Hkv * E contiguous values each) gathered into the run's own packed rows,
         # then seen as (count, Hkv, S, E) like a contiguous cache's slots.
         idx = _paged_rows(p, r)
-        k, v = (t[0].transpose(0, 1).index_select(0, idx).unflatten(0, (r.count, r.S)).transpose(1, 2) for t in (p.k, p.v))
+        k, v = (
+            t[0].transpose(0, 1).index_select(0, idx).unflatten(0, (r.count, r.S)).transpose(1, 2) for t in (p.k, p.v)
+        )
     else:
         k, v = (rows_of(t, r.k0, r.count, r.slot, r.S) for t in (p.k, p.v))
     alibi = p.alibi

@@ -366,8 +366,9 @@ BAD = {
     "head dims differ": (lambda c: c.update(key=c["key"][..., :8]), ValueError, "head dim of query"),
     "query 4-D": (lambda c: c.update(query=c["query"][None]), ValueError, r"query must be \(T_q, Hq, E\)"),
     "block_table without seqused_k": (
-        lambda c: c.update(block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
-                           key=c["key"][None], value=c["value"][None]),  # fmt: skip
+        lambda c: c.update(
+            block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE), key=c["key"][None], value=c["value"][None]
+        ),  # fmt: skip
         ValueError,
         "block_table needs seqused_k",
     ),

@@ -225,7 +225,14 @@ def default_families(device: str, quick: bool) -> list[Family]:
             Family("softcap", 16384, (4096, 8192), (256,), (True,), bf16, heads=(16, 8), softcap=50.0),
             Family("alibi", 16384, (2048, 8192), (128,), (True,), bf16, heads=(16, 16), alibi=True),
             Family(
-                "decode", 0, (1024, 16384, 131072), (128,), (False,), bf16, heads=(32, 8), query_len=1,
+                "decode",
+                0,
+                (1024, 16384, 131072),
+                (128,),
+                (False,),
+                bf16,
+                heads=(32, 8),
+                query_len=1,
                 batches=(1, 16, 64),
             ),
         ]

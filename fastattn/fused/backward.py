@@ -114,8 +114,12 @@ def plan_backward(
         dkdv_flags = dict(**flags, **pl.tile_constexprs(p, c), KEY_MAJOR=c.key_major)
         launches.append(
             pl.Launch(
-                "backward", "attention_backward_dkdv_kernel", (pl.cdiv(rows_k, c.block_n), Hkv, nb), dkdv_args,
-                dkdv_flags, c,
+                "backward",
+                "attention_backward_dkdv_kernel",
+                (pl.cdiv(rows_k, c.block_n), Hkv, nb),
+                dkdv_args,
+                dkdv_flags,
+                c,
             )
         )
         c = config.dq

@@ -13,7 +13,6 @@ from ..problem import Problem, lse_dtype
 from . import plumbing as pl
 from .block_lists import mask_block_lists
 
-
 DECODE_ROWS = 16  # at most this many query rows (per sequence): a decode shape (configs.decode_tile)
 
 
