@@ -179,6 +179,126 @@ def _measure(name: str, kwargs: dict, oracle, device: str, mode: str, note: str)
     return _row(name, out_err, lse_err, elapsed, note)
 
 
+@dataclass(frozen=True)
+class VarlenCase:
+    """A packed varlen_attention problem: query lengths against key lengths per sequence, causal
+    (window_size=(-1, 0)); paged: the keys in a pool of pages of `page` rows in a random order
+    (seqused_k and block_table)."""
+
+    device: str
+    dtype: torch.dtype
+    lens_q: tuple[int, ...]
+    lens_k: tuple[int, ...]
+    Hq: int
+    Hkv: int
+    E: int
+    page: int = 0
+
+    @property
+    def name(self) -> str:
+        kind = f"paged decode (pages of {self.page})" if self.page else "packed prefill"
+        return (
+            f"{self.device} varlen {sweep.DTYPE_NAMES[self.dtype]} {kind}: N={len(self.lens_q)} "
+            f"T_q={sum(self.lens_q)} keys {min(self.lens_k)}..{max(self.lens_k)} H{self.Hq}/{self.Hkv}kv D{self.E} causal"
+        )
+
+    @property
+    def size(self) -> int:
+        return sum(a * b for a, b in zip(self.lens_q, self.lens_k)) * self.Hq
+
+    def arguments(self) -> dict:
+        g = torch.Generator().manual_seed(0)
+        dev, dt, N = self.device, self.dtype, len(self.lens_q)
+
+        def cu(lengths):
+            return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(device=dev, dtype=dt)
+
+        kw = dict(query=randn(sum(self.lens_q), self.Hq, self.E), cu_seq_q=cu(self.lens_q), max_q=max(self.lens_q))
+        kw.update(max_k=max(self.lens_k), window_size=(-1, 0), enable_gqa=True)
+        if self.page:
+            per_seq = -(-max(self.lens_k) // self.page)
+            pages = N * per_seq
+            kw.update(key=randn(pages, self.page, self.Hkv, self.E), value=randn(pages, self.page, self.Hkv, self.E))
+            table = torch.randperm(pages, generator=g).reshape(N, per_seq).to(device=dev, dtype=torch.int32)
+            used = torch.tensor(self.lens_k, dtype=torch.int32, device=dev)
+            kw.update(cu_seq_k=None, block_table=table, seqused_k=used)
+        else:
+            kw.update(key=randn(sum(self.lens_k), self.Hkv, self.E), value=randn(sum(self.lens_k), self.Hkv, self.E))
+            kw.update(cu_seq_k=cu(self.lens_k))
+        return kw
+
+
+def varlen_cases(quick: bool) -> list[VarlenCase]:
+    """Packed prefill and paged decoding: small CPU ones always, bf16 ones with CUDA."""
+    f32 = torch.float32
+    out = [
+        VarlenCase("cpu", f32, (37, 0, 64, 5), (37, 3, 64, 20), 4, 2, 64),
+        VarlenCase("cpu", f32, (1, 1, 1), (100, 37, 64), 4, 2, 64, page=16),
+    ]
+    if torch.cuda.is_available():
+        bf16 = torch.bfloat16
+        g = torch.Generator().manual_seed(0)
+        lens = tuple(torch.randint(64, 2049 if not quick else 513, (8,), generator=g).tolist())
+        out += [
+            VarlenCase("cuda", bf16, lens, lens, 16, 4, 128),
+            VarlenCase("cuda", bf16, (1,) * 16, (4096 if not quick else 1024,) * 16, 32, 8, 128, page=64),
+        ]
+    return out
+
+
+def run_varlen_case(case: VarlenCase, mode: str) -> list[str]:
+    """The header line and one row per backend for a varlen case, against the float64 per-sequence oracle."""
+    from fastattn.packed import canonicalize_varlen
+
+    kwargs = case.arguments()
+    try:
+        problem = canonicalize_varlen(*(kwargs[n] for n in _VARLEN_POSITIONAL), **_keywords(kwargs))
+        auto = dispatch.choose_backend("auto", problem).name
+        oracle = reference.varlen_attention(**kwargs, return_aux=_AUX, upcast=True)
+    except Exception as e:
+        return [case.name, _row("-", note=f"error: {_one_line(e)}")]
+    lines = [f"{case.name}   (auto -> {auto})"]
+    for name in dispatch.REGISTRY:
+        reasons = dispatch.unsupported_reasons(name, problem, explicit=True)
+        if reasons:
+            lines.append(_row(name, note="cannot serve: " + "; ".join(reasons)))
+            continue
+        note = "Triton interpreter (slow; small problems only)" if name == "triton" and case.device == "cpu" else ""
+        if note and case.size > 64 * MAX_INTERPRETER_SCORES:
+            lines.append(_row(name, note="not run: too large for Triton's interpreter"))
+            continue
+
+        def call(name=name):
+            return fastattn.varlen_attention(**kwargs, return_aux=_AUX, backend=name)
+
+        try:
+            out, lse = call()
+            elapsed = time_call(call, case.device, TIME_BUDGET_S[mode]).median_s
+            lines.append(_row(name, max_abs_error(out, oracle[0]), max_abs_error(lse, oracle[1]), elapsed, note))
+        except Exception as e:
+            lines.append(_row(name, note=f"error: {_one_line(e)}"))
+    return lines
+
+
+_VARLEN_POSITIONAL = ("query", "key", "value", "cu_seq_q", "cu_seq_k", "max_q", "max_k")
+
+
+def _keywords(kwargs: dict) -> dict:
+    return {n: v for n, v in kwargs.items() if n not in _VARLEN_POSITIONAL}
+
+
+class _Aux:
+    """torch's AuxRequest(lse=True) without importing torch.nn.attention.varlen (absent in older torch)."""
+
+    lse = True
+
+
+_AUX = _Aux()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fastattn",
@@ -198,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  {'backend':<11} {'out err':>9} {'lse err':>9} {'median':>10}  note")
     for case in cases(args.quick):
         for line in run_case(case, mode):
+            print(line, flush=True)
+        print()
+    print("== varlen_attention vs the per-sequence float64 reference (fastattn.reference.varlen_attention) ==")
+    print()
+    for case in varlen_cases(args.quick):
+        for line in run_varlen_case(case, mode):
             print(line, flush=True)
         print()
     return 0

@@ -104,7 +104,8 @@ def test_signature_matches_torch_varlen_attn():
     assert [p.name for p in ours[len(theirs) :]] == ["softcap", "alibi_slopes", "backend"]
 
 
-BACKEND_DTYPES = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float64), ("triton", torch.float32)]
+BACKEND_DTYPES = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16), ("cpu", torch.float64)]
+BACKEND_DTYPES += [("triton", torch.float32)]
 BACKEND_DTYPES += [("triton", torch.float16), ("triton", torch.float64), ("reference", torch.float32)]
 
 
@@ -117,6 +118,21 @@ def test_packed_matches_oracle(backend, modifier, lengths):
     kw = modifier_kwargs(modifier, len(lens_q), 4)
     got = fastattn.varlen_attention(*args, return_aux=AuxRequest(lse=True), backend=backend, **kw)
     check(f"{backend} {modifier} {lengths}", got, *oracle_and_baseline(args, kw), torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_random_packed_batches(backend, seed):
+    """Random lengths (0 included) and a random modifier set, against the oracle."""
+    g = torch.Generator().manual_seed(seed)
+    N = int(torch.randint(1, 7, (), generator=g))
+    lens_q = torch.randint(0, 40, (N,), generator=g).tolist()
+    lens_k = [max(0, L + int(d)) for L, d in zip(lens_q, torch.randint(-5, 60, (N,), generator=g))]
+    modifier = list(MODIFIERS)[seed % len(MODIFIERS)]
+    args = packed(lens_q, lens_k)
+    kw = modifier_kwargs(modifier, N, 4)
+    got = fastattn.varlen_attention(*args, return_aux=AuxRequest(lse=True), backend=backend, **kw)
+    check(f"{backend} seed {seed} {modifier} {lens_q} {lens_k}", got, *oracle_and_baseline(args, kw), torch.float32)
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=[f"{b}-{str(d)[6:]}" for b, d in BACKEND_DTYPES])
