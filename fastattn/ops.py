@@ -42,9 +42,77 @@ def _in_layout(packed: bool, t: torch.Tensor) -> torch.Tensor:
 
 
 def run_forward(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of `p` by `backend` (a custom-op backend) through fastattn::forward: differentiable."""
+    """(out, lse) of `p` by `backend` (a custom-op backend) through fastattn::forward: differentiable.
+
+    Under torch.func's transforms (grad, vjp, jacrev, vmap: the inputs are functorch-wrapped), the
+    op's autograd (torch.library's register_autograd, which they do not support) is bypassed for
+    :class:`_FunctorchAttention`, the same forward and backward ops as an autograd.Function with a
+    setup_context. Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) raises: the ops have
+    no forward-mode derivative, and the custom op would silently give a zero tangent."""
     packed, sizes = _packing_args(p)
-    return attention_forward(p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
+    args = (p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
+    if not torch.compiler.is_compiling():
+        _refuse_forward_ad(p)
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (p.q, p.k, p.v)):
+            return _FunctorchAttention.apply(*args)
+    return attention_forward(*args)
+
+
+FORWARD_AD_MESSAGE = (
+    "fastattn's Triton and CPU backends have no forward-mode derivative (torch.func.jvp, jacfwd, "
+    "torch.autograd.forward_ad); use backend='reference' (plain PyTorch ops) for forward-mode AD"
+)
+
+
+def _refuse_forward_ad(p: Problem) -> None:
+    import torch.autograd.forward_ad as fwAD
+
+    if fwAD._current_level >= 0:  # inside a dual_level: an input may carry a tangent
+        tensors = (p.q, p.k, p.v, p.mask, p.alibi)
+        if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+            raise NotImplementedError(FORWARD_AD_MESSAGE)
+
+
+class _FunctorchAttention(torch.autograd.Function):
+    """fastattn::forward as an autograd.Function, for torch.func's transforms: forward and backward
+    are the ops themselves, setup_context and backward the op's own registration."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return attention_forward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        return _backward(ctx, dout, dlse, backward_op=_FunctorchAttentionBackward.apply)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(FORWARD_AD_MESSAGE)
+
+
+class _FunctorchAttentionBackward(torch.autograd.Function):
+    """fastattn::backward for torch.func's transforms (its inputs are wrapped there too): no
+    derivative of its own, as for the op (double backward raises)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        return attention_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx, *grads)
 
 
 @torch.library.custom_op("fastattn::forward", mutates_args=())
@@ -143,14 +211,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_grad = mask is not None and mask.requires_grad
 
 
-def _backward(ctx, dout, dlse):
+def _backward(ctx, dout, dlse, backward_op=None):
+    backward_op = backward_op or attention_backward
     if ctx.refused:
         raise RuntimeError("fastattn cannot compute this gradient: " + "; ".join(ctx.refused))
     q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k = ctx.saved_tensors
     packed = cu_seq_q is not None
     if dout is None:  # only lse takes part in the loss
         dout = torch.zeros_like(out)
-    dq, dk, dv, dmask = attention_backward(
+    dq, dk, dv, dmask = backward_op(
         _in_layout(packed, dout), dlse, q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k,
         ctx.ints, ctx.floats, ctx.sizes, ctx.backend, ctx.mask_grad,
     )  # fmt: skip

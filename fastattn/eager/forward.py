@@ -127,7 +127,9 @@ def tiled_attention(
     (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
     K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
     dtype, and the output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
-    because exp2 is about twice as fast as exp on CPU. The block sizes default to
+    because exp2 is about twice as fast as exp on CPU; with a float mask in natural units (each
+    difference to the row max times log2(e) before its exp2), so that a finite mask value near
+    -finfo.max stays a finite score. The block sizes default to
     ``fastattn.configs.CPU_FORWARD_TILES``.
     """
     tiles = configs.CPU_FORWARD_TILES
@@ -137,7 +139,11 @@ def tiled_attention(
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
     cdt = _compute_dtype(p.dtype)
     dev = p.device
-    qk_scale = p.features.scale * LOG2E
+    # Log2 units, except with a float mask: a value near -finfo.max (transformers' finfo.min padding)
+    # times log2(e) overflows to -inf; natural units take each difference to the row max first.
+    log2_units = p.mask is None or p.mask.dtype == torch.bool
+    units = LOG2E if log2_units else 1.0
+    qk_scale = p.features.scale * units
     neg_inf = -math.inf
     q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
@@ -174,20 +180,29 @@ def tiled_attention(
                 s = torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2))
                 score_mods_(
                     s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1,
-                    log2_units=True, alibi=alibi_c, seqlens=(L, S),
+                    log2_units=log2_units, alibi=alibi_c, seqlens=(L, S),
                 )  # fmt: skip
                 m_new = torch.maximum(m_i, s.amax(dim=-1))
                 # Guard (-inf) - (-inf) for rows that have seen no key yet.
                 m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
-                s.sub_(m_safe.unsqueeze(-1)).exp2_()
-                alpha = m_i.sub_(m_safe).exp2_()
+                s.sub_(m_safe.unsqueeze(-1))
+                alpha = m_i.sub_(m_safe)
+                if not log2_units:
+                    s.mul_(LOG2E)
+                    alpha.mul_(LOG2E)
+                s.exp2_()
+                alpha.exp2_()
                 l_i.mul_(alpha).add_(s.sum(dim=-1))
                 acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev))
                 m_i = m_new
             dead = l_i == 0
             acc.div_(l_i.masked_fill_(dead, 1.0).unsqueeze(-1))
             out[bs, hs, :, m0:m1] = acc.view(nb, nh, G, bm, Ev)
-            lse_b = m_i.add_(l_i.log2_()).mul_(LN2).masked_fill_(dead, neg_inf)
+            if log2_units:
+                lse_b = m_i.add_(l_i.log2_()).mul_(LN2)
+            else:
+                lse_b = m_i.add_(l_i.log2_().mul_(LN2))
+            lse_b.masked_fill_(dead, neg_inf)
             lse[bs, hs, :, m0:m1] = lse_b.view(nb, nh, G, bm)
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L).to(lse_dtype(p.dtype))
 

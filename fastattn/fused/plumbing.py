@@ -147,12 +147,14 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
     (kernels/common._mods) that the per-block helpers pass on: Triton kernels take no structs, so
     this is the one place a feature's launch arguments are spelled out on the host. With a
     softcap c, qk_scale is scale / c (natural units: tanh's argument) and softcap_scale c * log2(e)
-    (the capped score in log2 units); without, qk_scale is scale * log2(e)."""
+    (the capped score in log2 units); without, qk_scale is scale * log2(e). With a float mask the
+    kernels keep natural units: no log2(e) in either."""
     f = p.features
     capped = f.softcap > 0.0
-    qk_scale, qk_scale_lo = split_scale(f.scale / f.softcap if capped else f.scale * LOG2E)
-    softcap_scale, softcap_scale_lo = split_scale(f.softcap * LOG2E)
     mask_kind, _ = mask_operand(p)
+    units = LOG2E if mask_kind != 2 else 1.0  # float masks: natural units (kernels/common.py)
+    qk_scale, qk_scale_lo = split_scale(f.scale / f.softcap if capped else f.scale * units)
+    softcap_scale, softcap_scale_lo = split_scale(f.softcap * units)
     scalars = {
         "qk_scale": qk_scale,
         "qk_scale_lo": qk_scale_lo,

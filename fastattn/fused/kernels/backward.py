@@ -38,7 +38,8 @@ from .common import (
     _key_block_scores,
     _load_rows,
     _load_tile,
-    _lse_log2,
+    _exp_diff,
+    _lse_units,
     _mods,
     _row_offsets,
     _scaled,
@@ -97,6 +98,7 @@ def _dkdv_query_block(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
+    LOG2_UNITS: tl.constexpr,
 ):
     """Fold query rows start_m + offs_mb of one query head into dK, dV of the key block at
     positions offs_n (k, v: its tiles; M_cols: the mask at key offs_n[0]).
@@ -118,7 +120,7 @@ def _dkdv_query_block(
     rows_q = _row_offsets(rows, LARGE_OFFSETS)
     q = _load_tile(Q_head + rows_q[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
                    rows, L, offs_dk, E, CHECK_M, CHECK_E)
-    lse2 = _lse_log2(Lse_row, rows, L, CHECK_M)
+    lse2 = _lse_units(Lse_row, rows, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
     do = _load_tile(DO_head + rows_q[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     rows, L, offs_dv, EV, CHECK_M, CHECK_EV)
     delta = _load_rows(Delta_row + rows, rows, L, 0.0, CHECK_M)
@@ -128,8 +130,8 @@ def _dkdv_query_block(
                                      rows, offs_n, L, S, mods,
                                      MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                                     KEY_MAJOR=True)
-        pT = tl.math.exp2(qkT - lse2[None, :])
+                                     KEY_MAJOR=True, LOG2_UNITS=LOG2_UNITS)
+        pT = _exp_diff(qkT, lse2[None, :], LOG2_UNITS=LOG2_UNITS)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -142,8 +144,8 @@ def _dkdv_query_block(
                                    rows, offs_n, L, S, mods,
                                    MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                                   KEY_MAJOR=False)
-        p = tl.math.exp2(qk - lse2[:, None])
+                                   KEY_MAJOR=False, LOG2_UNITS=LOG2_UNITS)
+        p = _exp_diff(qk, lse2[:, None], LOG2_UNITS=LOG2_UNITS)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -251,6 +253,7 @@ def attention_backward_dkdv_kernel(
     # fixes the bits of dK and dV: a static_range over two phases picks it at compile time and
     # leaves one step call per kind of block.
     FULL_PHASE: tl.constexpr = 0 if FROM_LIST else 1
+    LOG2_UNITS: tl.constexpr = MASK_KIND != 2  # float masks keep natural units (common.py)
     start_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
@@ -314,7 +317,8 @@ def attention_backward_dkdv_kernel(
                         L, S, E, EV, qk_scale, qk_scale_lo, mods,
                         MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP,
                         HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
-                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
+                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR,
+                        LOG2_UNITS=LOG2_UNITS)
             elif HAS_CUT_BLOCKS:
                 for j in range(cut_lo, cut_lo + cut_span, STEP):
                     dk, dv = _dkdv_query_block(
@@ -325,7 +329,8 @@ def attention_backward_dkdv_kernel(
                         L, S, E, EV, qk_scale, qk_scale_lo, mods,
                         MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
                         HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
-                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR)
+                        LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR,
+                        LOG2_UNITS=LOG2_UNITS)
 
     dk = _scaled(dk, scale, scale_lo)
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + n0_64 * stride_dkn
@@ -344,7 +349,7 @@ def _dq_key_block(
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr,
 ):
     """Fold key positions start_n + offs_n into dQ of query rows offs_m (q, do, lse2, delta: their
     tiles and rows). K_head / V_head: the KV head at position 0; M_rows: the mask at query row
@@ -359,8 +364,8 @@ def _dq_key_block(
                                      qk_scale, qk_scale_lo, mods,
                                      MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                                     INPUT_PRECISION=INPUT_PRECISION)
-    p = tl.math.exp2(qk - lse2[:, None])
+                                     INPUT_PRECISION=INPUT_PRECISION, LOG2_UNITS=LOG2_UNITS)
+    p = _exp_diff(qk, lse2[:, None], LOG2_UNITS=LOG2_UNITS)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -407,6 +412,7 @@ def attention_backward_dq_kernel(
     # Without a mask, causality, a window or a ragged S, every block is full.
     HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL or CHECK_N
     HAS_GAP: tl.constexpr = IS_LOCAL and not FROM_LIST
+    LOG2_UNITS: tl.constexpr = MASK_KIND != 2  # float masks keep natural units (common.py)
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     seq = tl.program_id(2).to(tl.int64)
@@ -441,7 +447,7 @@ def attention_backward_dq_kernel(
     do_ptrs = DO + b * stride_dob + h * stride_doh + m0_64 * stride_dom
     do = _load_tile(do_ptrs + local_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    lse2 = _lse_log2(Lse + (b * H + h) * rows_total + q0_64, offs_m, L, CHECK_M)
+    lse2 = _lse_units(Lse + (b * H + h) * rows_total + q0_64, offs_m, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
     delta = _load_rows(Delta + (b * H + h) * rows_total + q0_64 + offs_m, offs_m, L, 0.0, CHECK_M)
     K_head = K + b * stride_kb + kvh * stride_kh + k0_64 * stride_kn
     V_head = V + b * stride_vb + kvh * stride_vh + k0_64 * stride_vn
@@ -464,7 +470,8 @@ def attention_backward_dq_kernel(
             L, S, E, EV, qk_scale, qk_scale_lo, mods,
             MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
             CHECK_M=CHECK_M, CHECK_N=False,
-            CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
+            CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
+            LOG2_UNITS=LOG2_UNITS)
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             dq = _dq_key_block(
@@ -474,7 +481,8 @@ def attention_backward_dq_kernel(
                 L, S, E, EV, qk_scale, qk_scale_lo, mods,
                 MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION)
+                CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
+                LOG2_UNITS=LOG2_UNITS)
 
     dq = _scaled(dq, scale, scale_lo)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m0_64 * stride_dqm

@@ -2,7 +2,11 @@
 loop bounds over key blocks.
 
 Scores are kept in log2 units: log2(e) is folded into the scale (qk_scale = scale * log2(e), applied
-by _scaled) and into additive masks (* LOG2E on load), so each exponential is one exp2.
+by _scaled) and into additive masks (* LOG2E on load), so each exponential is one exp2. Kernels
+with a float mask (MASK_KIND 2) keep natural units instead (LOG2_UNITS False): a mask value near
+-finfo.max (transformers' padding masks use finfo.min) times log2(e) would overflow to -inf and
+turn a finite score into a hidden one; there each exponential takes the difference first and
+multiplies it by log2(e) (_exp_diff), which cannot overflow where the scores themselves do not.
 
 _score_step is the one place where scaled products become the scores the softmax sees (softcap,
 ALiBi, mask tile, causality, sliding window, in that order). Every kernel computes its scores
@@ -43,6 +47,8 @@ Constexpr flags are named for what they guarantee; each one that is False remove
   SPLIT_KV             (forward) the program reduces one of num_splits slices of the keys to a partial
                        (out, lse), merged by decode.split_kv_combine_kernel.
   LARGE_OFFSETS        a block offset times a row stride may pass 2**31: offsets are 64-bit.
+  LOG2_UNITS           (MASK_KIND != 2) scores, lse and the row maxima are in log2 units; False:
+                       natural units, one more multiply per exponential (float masks only).
 """
 
 import triton
@@ -116,10 +122,24 @@ def _scaled(x, hi, lo):
 
 
 @triton.jit
-def _lse_log2(Lse_row, rows, L, CHECK_M: tl.constexpr):
-    """lse in log2 units, with -inf (a row with no key) and rows past L read as +inf: P = 0 there."""
+def _lse_units(Lse_row, rows, L, CHECK_M: tl.constexpr, LOG2_UNITS: tl.constexpr):
+    """lse in the kernel's units (log2, or natural without LOG2_UNITS), with -inf (a row with no
+    key) and rows past L read as +inf: P = 0 there."""
     lse = _load_rows(Lse_row + rows, rows, L, float("inf"), CHECK_M)
-    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    if LOG2_UNITS:
+        lse = lse * LOG2E
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _exp_diff(x, y, LOG2_UNITS: tl.constexpr):
+    """exp of x - y in the kernel's units: 2^(x - y) in log2 units, e^(x - y) = 2^((x - y) log2 e)
+    in natural ones (the difference first: it cannot overflow where x and y do not)."""
+    if LOG2_UNITS:
+        r = tl.math.exp2(x - y)
+    else:
+        r = tl.math.exp2((x - y) * LOG2E)
+    return r
 
 
 # Odd Taylor coefficients of tanh (x^3, x^5, ...), for |x| below _tanh's switch point.
@@ -174,7 +194,7 @@ def _score_step(
     s, M_tile, q_idx, k_idx, L, S, mods,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    KEY_MAJOR: tl.constexpr,
+    KEY_MAJOR: tl.constexpr, LOG2_UNITS: tl.constexpr,
 ):
     """(scores, cap_grad): the scores the softmax sees, from a tile s of scaled products (log2
     units, _scaled), in this order: capped (HAS_SOFTCAP: s = softcap_scale * tanh(s), the launcher
@@ -206,7 +226,10 @@ def _score_step(
         cap_grad = s
     if HAS_ALIBI:
         distance = tl.abs(q_pos + (S - L) - k_pos).to(s.dtype)
-        s = s - (slope.to(s.dtype) * LOG2E) * distance
+        if LOG2_UNITS:
+            s = s - (slope.to(s.dtype) * LOG2E) * distance
+        else:
+            s = s - slope.to(s.dtype) * distance
     if MASK_KIND != 0:
         if KEY_MAJOR:
             mask = _load_tile(M_tile, k_idx, S, q_idx, L, CHECK_N, CHECK_M)
@@ -214,8 +237,8 @@ def _score_step(
             mask = _load_tile(M_tile, q_idx, L, k_idx, S, CHECK_M, CHECK_N)
         if MASK_KIND == 1:
             s = tl.where(mask != 0, s, float("-inf"))
-        else:
-            s = s + mask.to(s.dtype) * LOG2E
+        else:  # a float mask: natural units (LOG2_UNITS is False)
+            s = s + mask.to(s.dtype)
     if APPLY_WINDOW:
         # One select for the whole band, on the key's offset from the query's diagonal: two selects
         # made ptxas spill (sm_90 float32 E=256).
@@ -234,7 +257,7 @@ def _key_block_scores(
     q, k, M_rows, stride_mm, stride_mn, offs_m, cols, rows_kv, L, S, qk_scale, qk_scale_lo, mods,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr,
 ):
     """(scores, cap_grad) (BLOCK_M, BLOCK_N) of query rows offs_m against the key tile k at positions
     cols (rows_kv: cols as row offsets, (BLOCK_N, 1)), query-major, for the forward and dQ kernels:
@@ -246,7 +269,7 @@ def _key_block_scores(
                                offs_m, cols, L, S, mods,
                                MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                               KEY_MAJOR=False)
+                               KEY_MAJOR=False, LOG2_UNITS=LOG2_UNITS)
     if CHECK_N:
         qk = tl.where(cols[None, :] < S, qk, float("-inf"))
     return qk, cap_grad

@@ -20,6 +20,7 @@ import triton.language as tl
 from .common import (
     LN2,
     _block_start,
+    _exp_diff,
     _key_block_bounds,
     _key_block_scores,
     _kv_rows,
@@ -39,7 +40,7 @@ def _attend_kv_block(
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
-    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAGED: tl.constexpr,
+    LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAGED: tl.constexpr, LOG2_UNITS: tl.constexpr,
 ):
     """One step of the online softmax: fold key/value positions start_n + offs_n into the
     accumulator acc and the running sum l_i and max m_i of query rows offs_m (q: their tile).
@@ -57,12 +58,12 @@ def _attend_kv_block(
                               qk_scale, qk_scale_lo, mods,
                               MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                               HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
-                              INPUT_PRECISION=INPUT_PRECISION)
+                              INPUT_PRECISION=INPUT_PRECISION, LOG2_UNITS=LOG2_UNITS)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     # A row that has seen no key yet has m = -inf; subtracting it would give (-inf) - (-inf) = NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.math.exp2(m_i - m_safe)
-    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = _exp_diff(m_i, m_safe, LOG2_UNITS=LOG2_UNITS)
+    p = _exp_diff(qk, m_safe[:, None], LOG2_UNITS=LOG2_UNITS)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     acc = acc * alpha[:, None]
@@ -127,6 +128,7 @@ def attention_forward_kernel(
     # Without a mask, causality, a window or a ragged S, every block is full.
     HAS_CUT_BLOCKS: tl.constexpr = FROM_LIST or IS_CAUSAL or IS_LOCAL or CHECK_N
     HAS_GAP: tl.constexpr = (IS_LOCAL or SPLIT_KV) and not FROM_LIST
+    LOG2_UNITS: tl.constexpr = MASK_KIND != 2  # float masks keep natural units (common.py)
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     if SPLIT_KV:
@@ -190,7 +192,7 @@ def attention_forward_kernel(
             MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
             CHECK_M=CHECK_M, CHECK_N=False,
             CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-            PAGED=PAGED)
+            PAGED=PAGED, LOG2_UNITS=LOG2_UNITS)
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             acc, l_i, m_i = _attend_kv_block(
@@ -201,12 +203,15 @@ def attention_forward_kernel(
                 MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                 CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-                PAGED=PAGED)
+                PAGED=PAGED, LOG2_UNITS=LOG2_UNITS)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    if LOG2_UNITS:
+        lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    else:
+        lse = tl.where(dead, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
     o_ptrs = Out + split * stride_os + b * stride_ob + h * stride_oh + (q0_64 + m0_64) * stride_om
     o_ptrs = o_ptrs + local_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
     _store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
