@@ -89,13 +89,13 @@ def _run_cpu(p: Problem):
     return cpu_fallback_attention(p)
 
 
-def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
+def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None):
     from .fused.backward import triton_attention_backward
 
-    return (*triton_attention_backward(p, out, lse, dout, dlse), None)
+    return (*triton_attention_backward(p, out, lse, dout, dlse, stats=stats), None)
 
 
-def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool):
+def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None):
     from .eager.backward import tiled_attention_backward
 
     if p.packing is not None:
@@ -120,8 +120,9 @@ class Backend:
     """A backend's declaration. devices: the device types it runs (None: any PyTorch runs).
     custom_op: its forward runs inside the fastattn::forward op and the backward is chosen by
     :func:`choose_backward`; False: plain PyTorch ops that autograd differentiates directly.
-    run: (p) -> (out, lse). run_backward: (p, out, lse, dout, dlse, mask_grad) -> (dq, dk, dv,
-    dmask or None), for custom-op backends. more_reasons: what the declarations cannot say
+    run: (p) -> (out, lse) or (out, lse, stats), stats what its backward needs beyond lse.
+    run_backward: (p, out, lse, dout, dlse, mask_grad, stats=) -> (dq, dk, dv, dmask or None), for
+    custom-op backends (stats: the forward's, or None). more_reasons: what the declarations cannot say
     (p, explicit) -> reasons."""
 
     name: str

@@ -21,6 +21,7 @@ from .features import Features
 from .problem import Packing, Problem, empty_result, lse_dtype
 
 _NO_MASK_GRAD = (0,)  # dmask placeholder shape when the mask needs no gradient
+_NO_STATS = (0,)  # the stats placeholder of calls whose backward needs none
 _DENSE = (None, None, None, None)  # the packing tensors of a dense call
 
 
@@ -54,8 +55,8 @@ def run_forward(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not torch.compiler.is_compiling():
         _refuse_forward_ad(p)
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (p.q, p.k, p.v)):
-            return _FunctorchAttention.apply(*args)
-    return attention_forward(*args)
+            return _FunctorchAttention.apply(*args)[:2]
+    return attention_forward(*args)[:2]
 
 
 FORWARD_AD_MESSAGE = (
@@ -88,7 +89,7 @@ class _FunctorchAttention(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
 
     @staticmethod
-    def backward(ctx, dout, dlse):
+    def backward(ctx, dout, dlse, dstats):
         return _backward(ctx, dout, dlse, backward_op=_FunctorchAttentionBackward.apply)
 
     @staticmethod
@@ -130,8 +131,10 @@ def attention_forward(
     floats: list[float],
     sizes: list[int],
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, computed by `backend`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, L, Ev), lse (B, Hq, L), stats) of a canonical problem, computed by `backend`.
+    stats: what the backend's backward needs beyond lse (the Triton forward of a float-mask call:
+    each row's max and log-sum apart, fused.forward.new_stats), else an empty (0,) tensor."""
     from .dispatch import REGISTRY
     from .packed import check_packing_values
 
@@ -142,15 +145,24 @@ def attention_forward(
     if result is None:
         result = REGISTRY[backend].run(p)
     # In the fake kernel's layout (SDPA's CPU op returns lse in (B, L, H) layout).
-    out, lse = result
-    return _in_layout(p.packing is not None, out), lse.contiguous()
+    out, lse, *stats = result
+    stats = stats[0].contiguous() if stats and stats[0] is not None else lse.new_empty(_NO_STATS)
+    return _in_layout(p.packing is not None, out), lse.contiguous(), stats
+
+
+def _stats_shape(q, k, v, mask, backend) -> tuple[int, ...]:
+    """The stats output's shape: (2, B, Hq, L) for a float-mask call with work on "triton", else (0,)."""
+    work = q.numel() > 0 and k.shape[2] > 0 and v.shape[3] > 0  # as problem.empty_result
+    if backend == "triton" and mask is not None and mask.dtype != torch.bool and work:
+        return (2, q.shape[0], q.shape[1], q.shape[2])
+    return _NO_STATS
 
 
 @attention_forward.register_fake
 def _(q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
-    return _in_layout(cu_seq_q is not None, out), lse
+    return _in_layout(cu_seq_q is not None, out), lse, lse.new_empty(_stats_shape(q, k, v, mask, backend))
 
 
 @torch.library.custom_op("fastattn::backward", mutates_args=())
@@ -162,6 +174,7 @@ def attention_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    stats: torch.Tensor,
     mask: torch.Tensor | None,
     alibi: torch.Tensor | None,
     cu_seq_q: torch.Tensor | None,
@@ -183,13 +196,14 @@ def attention_backward(
     if empty_result(p) is not None:
         dmask = mask.new_zeros(mask.shape) if mask_grad else no_dmask
         return tuple(_in_layout(packed, t.new_zeros(t.shape)) for t in (q, k, v)) + (dmask,)
-    dq, dk, dv, dmask = REGISTRY[backend].run_backward(p, out, lse, dout, dlse, mask_grad)
+    stats = stats if stats.numel() else None
+    dq, dk, dv, dmask = REGISTRY[backend].run_backward(p, out, lse, dout, dlse, mask_grad, stats=stats)
     dmask = dmask.contiguous() if mask_grad else no_dmask
     return _in_layout(packed, dq), _in_layout(packed, dk), _in_layout(packed, dv), dmask
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k, ints, floats, sizes, backend, mask_grad):
+def _(dout, dlse, q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k, ints, floats, sizes, backend, mask_grad):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(_NO_MASK_GRAD)
     packed = cu_seq_q is not None
     return tuple(_in_layout(packed, t.new_empty(t.shape)) for t in (q, k, v)) + (dmask,)
@@ -199,8 +213,8 @@ def _setup_context(ctx, inputs, output):
     from .dispatch import FALLBACK_BACKWARD, backward_reasons, choose_backward
 
     q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k)
+    out, lse, stats = output
+    ctx.save_for_backward(q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k)
     ctx.ints, ctx.floats, ctx.sizes = ints, floats, sizes
     # Chosen with the inputs as the caller passed them: a float mask's requires_grad is a feature.
     p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
@@ -211,16 +225,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mask_grad = mask is not None and mask.requires_grad
 
 
-def _backward(ctx, dout, dlse, backward_op=None):
+def _backward(ctx, dout, dlse, dstats=None, backward_op=None):
     backward_op = backward_op or attention_backward
     if ctx.refused:
         raise RuntimeError("fastattn cannot compute this gradient: " + "; ".join(ctx.refused))
-    q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k = ctx.saved_tensors
     packed = cu_seq_q is not None
     if dout is None:  # only lse takes part in the loss
         dout = torch.zeros_like(out)
     dq, dk, dv, dmask = backward_op(
-        _in_layout(packed, dout), dlse, q, k, v, out, lse, mask, alibi, cu_seq_q, cu_seq_k,
+        _in_layout(packed, dout), dlse, q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k,
         ctx.ints, ctx.floats, ctx.sizes, ctx.backend, ctx.mask_grad,
     )  # fmt: skip
     return dq, dk, dv, dmask if ctx.mask_grad else None, *([None] * 9)

@@ -169,8 +169,8 @@ def test_opcheck_both_ops():
     dense = (None, None, None, None)  # no packing
     args = (q, k, v, mask, alibi, *dense, ints, floats, [], "cpu")
     torch.library.opcheck(attention_forward, args)
-    out, lse = attention_forward(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, mask, alibi, None, None, ints, floats,
+    out, lse, stats = attention_forward(*args)
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, stats, mask, alibi, None, None, ints, floats,
              [], "cpu", True)  # fmt: skip
     torch.library.opcheck(attention_backward, bargs)
 

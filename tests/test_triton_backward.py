@@ -92,10 +92,10 @@ def _reference_grads(q, k, v, kwargs, dout, dlse, upcast: bool):
 
 def _kernel_grads(q, k, v, kwargs, dout, dlse, config=None):
     p = canonicalize(q, k, v, **kwargs)
-    out, lse = triton_attention_forward(p)
+    out, lse, stats = triton_attention_forward(p)
     dout_c = dout.reshape(out.shape)
     dlse_c = None if dlse is None else dlse.reshape(lse.shape)
-    dq, dk, dv = triton_attention_backward(p, out, lse, dout_c, dlse_c, config=config)
+    dq, dk, dv = triton_attention_backward(p, out, lse, dout_c, dlse_c, config=config, stats=stats)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 

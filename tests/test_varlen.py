@@ -291,7 +291,7 @@ def test_dense_attention_split_kv_factors_agree(window):
     baseline = reference.attention(q, k, v, return_lse=True, **kw)
     p = canonicalize(q, k, v, enable_gqa=True, window_size=window, softcap=5.0)
     for splits in (1, 2, 3, 7):
-        out, lse = triton_attention_forward(p, num_splits=splits)
+        out, lse, _ = triton_attention_forward(p, num_splits=splits)
         assert_close_to_oracle(f"splits={splits} out", out, oracle[0], baseline[0])
         assert_close_to_oracle(f"splits={splits} lse", lse, oracle[1], baseline[1], dtype=torch.float32)
 
@@ -442,8 +442,8 @@ def test_opcheck_packed_forward_and_backward():
     ints, floats = p.features.pack()
     args = (p.q, p.k, p.v, None, p.alibi, *p.packing.tensors(), ints, floats, p.packing.sizes(), "cpu")
     torch.library.opcheck(attention_forward, args)
-    out, lse = attention_forward(*args)
-    bargs = (torch.randn_like(out), None, p.q, p.k, p.v, out, lse, None, p.alibi, cq, ck, ints, floats,
+    out, lse, stats = attention_forward(*args)
+    bargs = (torch.randn_like(out), None, p.q, p.k, p.v, out, lse, stats, None, p.alibi, cq, ck, ints, floats,
              p.packing.sizes(), "cpu", False)  # fmt: skip
     torch.library.opcheck(attention_backward, bargs)
 

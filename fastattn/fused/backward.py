@@ -25,6 +25,7 @@ def plan_backward(
     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     config: BackwardConfig | None = None,
     target: pl.Target | None = None,
+    stats: torch.Tensor | None = None,
 ) -> list[pl.Launch]:
     """The launches that write grads = (dq, dk, dv) for `p` on `target` (default: this process's)
     with `config` (default: configs.backward_config): per batch chunk preprocess, dK/dV, dQ."""
@@ -48,8 +49,13 @@ def plan_backward(
     delta = torch.empty(B, Hq, L, dtype=acc_dtype, device=p.device)
     has_dlse = dlse is not None
     dlse = dlse.to(acc_dtype).contiguous() if has_dlse else delta
-    _, mask = pl.mask_operand(p)
+    mask_kind, mask = pl.mask_operand(p)
     alibi = pl.alibi_operand(p)
+    if mask_kind == 2 and stats is None:  # the AOT tool plans without a forward
+        from .forward import new_stats
+
+        stats = new_stats(p)
+    stats = stats if mask_kind == 2 else pl.dummy(p)
     if p.mask is None:
         kv_lists = q_lists = (mask, mask)
     else:
@@ -85,11 +91,12 @@ def plan_backward(
         mk, al = pl.chunk(mask, bs), pl.chunk(alibi, bs)
         kv_ct, kv_ix = (pl.chunk(t, bs) for t in kv_lists)
         q_ct, q_ix = (pl.chunk(t, bs) for t in q_lists)
-        inputs = dict(Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Delta=delta[bs], Mask=mk, Alibi=al)
+        st = stats[:, bs] if mask_kind == 2 else stats
+        inputs = dict(Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Stats=st, Delta=delta[bs], Mask=mk, Alibi=al)
         input_strides = {
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("do", dout, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
-            **pl.strides("a", al, "bh", broadcast=True),
+            **pl.strides("a", al, "bh", broadcast=True), "stride_sp": st.stride(0) if mask_kind == 2 else 0,
         }  # fmt: skip
         pre_args = dict(
             Delta=delta[bs], Out=out[bs], DOut=dout[bs], DLse=dlse[bs],
@@ -144,11 +151,13 @@ def triton_attention_backward(
     dout: torch.Tensor,
     dlse: torch.Tensor | None = None,
     config: BackwardConfig | None = None,
+    stats: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of the attention of `p`, shaped like p.q, p.k, p.v (contiguous, input dtype).
 
     out (B, Hq, L, Ev) and lse (B, Hq, L) are the forward's results; dout the gradient of out;
-    dlse (B, Hq, L) or None the gradient of lse (when the loss uses it). Deterministic (no atomics):
+    dlse (B, Hq, L) or None the gradient of lse (when the loss uses it); stats: the forward's
+    row statistics of a float-mask call (forward.new_stats; required then). Deterministic (no atomics):
     two calls give bitwise identical gradients. Rows that see no key (lse = -inf) contribute 0.
     Runs compiled on CUDA, or through Triton's interpreter on CPU tensors (TRITON_INTERPRET=1).
     """
@@ -157,5 +166,7 @@ def triton_attention_backward(
     # Every element is written by one program: no memset needed. Packed calls keep their layout.
     new = torch.empty_like if p.packing is not None else lambda t: torch.empty(t.shape, dtype=p.dtype, device=p.device)
     grads = tuple(new(t) for t in (p.q, p.k, p.v))
-    pl.run(plan_backward(p, out, lse, dout, dlse, grads, config), p.device)
+    if p.mask is not None and p.mask.dtype != torch.bool and stats is None:
+        raise ValueError("a float-mask backward needs the forward's stats (fused.forward.new_stats)")
+    pl.run(plan_backward(p, out, lse, dout, dlse, grads, config, stats=stats), p.device)
     return grads

@@ -46,10 +46,12 @@ def plan_forward(
     config: TileConfig | None = None,
     target: pl.Target | None = None,
     num_splits: int | None = None,
+    stats: torch.Tensor | None = None,
 ) -> list[pl.Launch]:
     """The launches that compute out (B, Hq, L, Ev) and lse (B, Hq, L) for `p` on `target`
     (default: this process's, :meth:`plumbing.Target.of`) with `config` (default: configs.forward_config)
-    and `num_splits` (default: :func:`split_count`'s choice)."""
+    and `num_splits` (default: :func:`split_count`'s choice); with a float mask also stats
+    (:func:`new_stats`, allocated here when not given) for the backward."""
     target = target or pl.Target.of(p)
     B, Hq, L, E = p.q.shape
     S, Ev = p.seqlen_k, p.head_dim_v
@@ -64,8 +66,11 @@ def plan_forward(
         config = dataclasses.replace(config, block_n=math.gcd(config.block_n, p.packing.page_size))
     splits = split_count(p, config, target, num_splits)
     q, k, v = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v))
-    _, mask = pl.mask_operand(p)
+    mask_kind, mask = pl.mask_operand(p)
     alibi = pl.alibi_operand(p)
+    if mask_kind == 2 and stats is None:
+        stats = new_stats(p)
+    stats = pl.dummy(p) if mask_kind != 2 else stats
     if p.mask is None:
         counts = index = mask
     else:
@@ -94,13 +99,14 @@ def plan_forward(
         o, lse_out = (out[bs], lse[bs]) if splits == 1 else (part_out[:, bs], part_lse[:, bs])
         o_first = o if splits == 1 else o[0]
         args = dict(
-            Out=o, Lse=lse_out, Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
+            Out=o, Lse=lse_out, Stats=stats[:, bs] if mask_kind == 2 else stats, Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
             **{n: a for n, a in packing_args.items() if n not in ("stride_tn", "page_size")},
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("o", o_first, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
             **pl.strides("c", ct, "bhm", broadcast=True), **pl.strides("i", ix, "bhm", broadcast=True),
             **pl.strides("a", al, "bh", broadcast=True), stride_tn=packing_args["stride_tn"],
             stride_os=o.stride(0) if splits > 1 else 0, stride_ls=lse_out.stride(0) if splits > 1 else 0,
+            stride_sp=stats.stride(0) if mask_kind == 2 else 0,
             H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, page_size=packing_args["page_size"], num_splits=splits,
             **scalars,
         )  # fmt: skip
@@ -123,16 +129,25 @@ def plan_forward(
     return launches
 
 
+def new_stats(p: Problem) -> torch.Tensor:
+    """The float-mask forward's row statistics for the backward: (2, B, Hq, L), each row's max score
+    and the log of its sum of exponentials, in natural units (kernels/common._row_shift)."""
+    return torch.empty(2, p.batch, p.heads_q, p.seqlen_q, dtype=lse_dtype(p.dtype), device=p.device)
+
+
 def triton_attention_forward(
     p: Problem, config: TileConfig | None = None, num_splits: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Run the fused forward kernel: (out (B, Hq, L, Ev) in the input dtype, lse (B, Hq, L) float32,
-    float64 for float64 inputs). num_splits: the split-KV factor (default: :func:`split_count`).
+    float64 for float64 inputs, stats): stats, with a float mask, the row statistics of
+    :func:`new_stats` that the backward needs, else None. num_splits: the split-KV factor (default: :func:`split_count`).
 
     The kernel is compiled for the GPU, or run by Triton's interpreter when the process has it on
     (TRITON_INTERPRET=1; the only way CPU tensors can run it).
     """
     out = p.new_out()
     lse = torch.empty(p.batch, p.heads_q, p.seqlen_q, dtype=lse_dtype(p.dtype), device=p.device)
-    pl.run(plan_forward(p, out, lse, config, num_splits=num_splits), p.device)
-    return out, lse
+    float_mask = p.mask is not None and p.mask.dtype != torch.bool
+    stats = new_stats(p) if float_mask else None
+    pl.run(plan_forward(p, out, lse, config, num_splits=num_splits, stats=stats), p.device)
+    return out, lse, stats

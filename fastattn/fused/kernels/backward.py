@@ -38,8 +38,8 @@ from .common import (
     _key_block_scores,
     _load_rows,
     _load_tile,
-    _exp_diff,
-    _lse_units,
+    _probs,
+    _row_shift,
     _mods,
     _row_offsets,
     _scaled,
@@ -91,7 +91,7 @@ def attention_backward_preprocess_kernel(
 @triton.jit
 def _dkdv_query_block(
     dk, dv, k, v, offs_n, start_m, offs_mb,
-    Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+    Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Stats_row, stride_sp, Delta_row,
     M_cols, stride_mm, stride_mn,
     L, S, E, EV, qk_scale, qk_scale_lo, mods,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
@@ -120,7 +120,7 @@ def _dkdv_query_block(
     rows_q = _row_offsets(rows, LARGE_OFFSETS)
     q = _load_tile(Q_head + rows_q[:, None] * stride_qm + offs_dk[None, :] * stride_qk,
                    rows, L, offs_dk, E, CHECK_M, CHECK_E)
-    lse2 = _lse_units(Lse_row, rows, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
+    m_row, logl = _row_shift(Lse_row, Stats_row, stride_sp, rows, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
     do = _load_tile(DO_head + rows_q[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     rows, L, offs_dv, EV, CHECK_M, CHECK_EV)
     delta = _load_rows(Delta_row + rows, rows, L, 0.0, CHECK_M)
@@ -131,7 +131,7 @@ def _dkdv_query_block(
                                      MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                      KEY_MAJOR=True, LOG2_UNITS=LOG2_UNITS)
-        pT = _exp_diff(qkT, lse2[None, :], LOG2_UNITS=LOG2_UNITS)
+        pT = _probs(qkT, m_row[None, :], logl[None, :], LOG2_UNITS=LOG2_UNITS)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -145,7 +145,7 @@ def _dkdv_query_block(
                                    MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                    KEY_MAJOR=False, LOG2_UNITS=LOG2_UNITS)
-        p = _exp_diff(qk, lse2[:, None], LOG2_UNITS=LOG2_UNITS)
+        p = _probs(qk, m_row[:, None], logl[:, None], LOG2_UNITS=LOG2_UNITS)
         dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -205,7 +205,7 @@ def _query_block_bounds(
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    DK, DV, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
+    DK, DV, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -215,7 +215,7 @@ def attention_backward_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_cb, stride_ch, stride_cn,
     stride_ib, stride_ih, stride_in,
-    stride_ab, stride_ah,
+    stride_ab, stride_ah, stride_sp,
     H, GROUP, L, S, E, EV,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
     softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
@@ -297,6 +297,7 @@ def attention_backward_dkdv_kernel(
         Q_head = Q + b * stride_qb + h * stride_qh + q0_64 * stride_qm
         DO_head = DO + b * stride_dob + h * stride_doh + q0_64 * stride_dom
         Lse_row = Lse + (b * H + h) * rows_total + q0_64
+        Stats_row = Stats + (b * H + h) * rows_total + q0_64
         Delta_row = Delta + (b * H + h) * rows_total + q0_64
         M_cols = Mask + b * stride_mb + h * stride_mh + n0_64 * stride_mn
         Counts = BlockCount + b * stride_cb + h * stride_ch + start_n * stride_cn
@@ -312,7 +313,8 @@ def attention_backward_dkdv_kernel(
                     dk, dv = _dkdv_query_block(
                         dk, dv, k, v, offs_n,
                         _block_start(j, Index, 0, 0, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST, HAS_GAP=False), offs_mb,
-                        Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+                        Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok,
+                        Lse_row, Stats_row, stride_sp, Delta_row,
                         M_cols, stride_mm, stride_mn,
                         L, S, E, EV, qk_scale, qk_scale_lo, mods,
                         MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP,
@@ -324,7 +326,8 @@ def attention_backward_dkdv_kernel(
                     dk, dv = _dkdv_query_block(
                         dk, dv, k, v, offs_n,
                         _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_M, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP),
-                        offs_mb, Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok, Lse_row, Delta_row,
+                        offs_mb, Q_head, stride_qm, stride_qk, DO_head, stride_dom, stride_dok,
+                        Lse_row, Stats_row, stride_sp, Delta_row,
                         M_cols, stride_mm, stride_mn,
                         L, S, E, EV, qk_scale, qk_scale_lo, mods,
                         MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
@@ -343,7 +346,7 @@ def attention_backward_dkdv_kernel(
 
 @triton.jit
 def _dq_key_block(
-    dq, q, do, lse2, delta, offs_m, start_n, offs_n,
+    dq, q, do, m_row, logl, delta, offs_m, start_n, offs_n,
     K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
     L, S, E, EV, qk_scale, qk_scale_lo, mods,
     MASK_KIND: tl.constexpr, APPLY_CAUSAL: tl.constexpr, APPLY_WINDOW: tl.constexpr,
@@ -351,7 +354,7 @@ def _dq_key_block(
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr,
 ):
-    """Fold key positions start_n + offs_n into dQ of query rows offs_m (q, do, lse2, delta: their
+    """Fold key positions start_n + offs_n into dQ of query rows offs_m (q, do, m_row, logl, delta: their
     tiles and rows). K_head / V_head: the KV head at position 0; M_rows: the mask at query row
     offs_m[0], key 0. offs_n comes from the caller, as in forward._attend_kv_block."""
     offs_dk = tl.arange(0, q.shape[1])
@@ -365,7 +368,7 @@ def _dq_key_block(
                                      MASK_KIND=MASK_KIND, APPLY_CAUSAL=APPLY_CAUSAL, APPLY_WINDOW=APPLY_WINDOW,
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                      INPUT_PRECISION=INPUT_PRECISION, LOG2_UNITS=LOG2_UNITS)
-    p = _exp_diff(qk, lse2[:, None], LOG2_UNITS=LOG2_UNITS)
+    p = _probs(qk, m_row[:, None], logl[:, None], LOG2_UNITS=LOG2_UNITS)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -377,7 +380,7 @@ def _dq_key_block(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    DQ, Q, K, V, DO, Lse, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
+    DQ, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -386,7 +389,7 @@ def attention_backward_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
-    stride_ab, stride_ah,
+    stride_ab, stride_ah, stride_sp,
     H, GROUP, L, S, E, EV,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
     softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
@@ -447,7 +450,8 @@ def attention_backward_dq_kernel(
     do_ptrs = DO + b * stride_dob + h * stride_doh + m0_64 * stride_dom
     do = _load_tile(do_ptrs + local_m[:, None] * stride_dom + offs_dv[None, :] * stride_dok,
                     offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
-    lse2 = _lse_units(Lse + (b * H + h) * rows_total + q0_64, offs_m, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
+    row0 = (b * H + h) * rows_total + q0_64
+    m_row, logl = _row_shift(Lse + row0, Stats + row0, stride_sp, offs_m, L, CHECK_M, LOG2_UNITS=LOG2_UNITS)
     delta = _load_rows(Delta + (b * H + h) * rows_total + q0_64 + offs_m, offs_m, L, 0.0, CHECK_M)
     K_head = K + b * stride_kb + kvh * stride_kh + k0_64 * stride_kn
     V_head = V + b * stride_vb + kvh * stride_vh + k0_64 * stride_vn
@@ -464,7 +468,7 @@ def attention_backward_dq_kernel(
 
     for j in range(full_lo, full_end, STEP):
         dq = _dq_key_block(
-            dq, q, do, lse2, delta, offs_m,
+            dq, q, do, m_row, logl, delta, offs_m,
             _block_start(j, Index, 0, 0, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=False), offs_n,
             K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
             L, S, E, EV, qk_scale, qk_scale_lo, mods,
@@ -475,7 +479,7 @@ def attention_backward_dq_kernel(
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             dq = _dq_key_block(
-                dq, q, do, lse2, delta, offs_m,
+                dq, q, do, m_row, logl, delta, offs_m,
                 _block_start(j, Index, gap_at, gap, BLOCK=BLOCK_N, FROM_LIST=FROM_LIST, HAS_GAP=HAS_GAP), offs_n,
                 K_head, stride_kn, stride_kk, V_head, stride_vn, stride_vk, M_rows, stride_mm, stride_mn,
                 L, S, E, EV, qk_scale, qk_scale_lo, mods,

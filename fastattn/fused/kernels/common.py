@@ -122,13 +122,31 @@ def _scaled(x, hi, lo):
 
 
 @triton.jit
-def _lse_units(Lse_row, rows, L, CHECK_M: tl.constexpr, LOG2_UNITS: tl.constexpr):
-    """lse in the kernel's units (log2, or natural without LOG2_UNITS), with -inf (a row with no
-    key) and rows past L read as +inf: P = 0 there."""
-    lse = _load_rows(Lse_row + rows, rows, L, float("inf"), CHECK_M)
+def _row_shift(Lse_row, Stats_row, stride_sp, rows, L, CHECK_M: tl.constexpr, LOG2_UNITS: tl.constexpr):
+    """(m, logl): what the backward subtracts from a row's scores to get P (_probs). In log2 units
+    m = lse * log2(e) and logl is unused; in natural units (float masks) the forward's row max m and
+    log of its sum, kept apart in Stats (plane stride stride_sp): near -finfo.max, lse = m + logl
+    rounds logl away (ties of finfo.min scores would each get P = 1). Rows with no key (lse or m =
+    -inf) and rows past L read m = +inf: P = 0 there."""
     if LOG2_UNITS:
-        lse = lse * LOG2E
-    return tl.where(lse == float("-inf"), float("inf"), lse)
+        lse = _load_rows(Lse_row + rows, rows, L, float("inf"), CHECK_M) * LOG2E
+        m = tl.where(lse == float("-inf"), float("inf"), lse)
+        logl = m
+    else:
+        m = _load_rows(Stats_row + rows, rows, L, float("inf"), CHECK_M)
+        m = tl.where(m == float("-inf"), float("inf"), m)
+        logl = _load_rows(Stats_row + stride_sp + rows, rows, L, 0.0, CHECK_M)
+    return m, logl
+
+
+@triton.jit
+def _probs(s, m, logl, LOG2_UNITS: tl.constexpr):
+    """P = exp(s - lse) from the scores and _row_shift's (m, logl), broadcast against s."""
+    if LOG2_UNITS:
+        p = tl.math.exp2(s - m)
+    else:
+        p = tl.math.exp2(((s - m) - logl) * LOG2E)
+    return p
 
 
 @triton.jit

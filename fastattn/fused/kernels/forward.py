@@ -74,7 +74,7 @@ def _attend_kv_block(
 
 @triton.jit
 def attention_forward_kernel(
-    Out, Lse, Q, K, V, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
+    Out, Lse, Stats, Q, K, V, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -83,7 +83,7 @@ def attention_forward_kernel(
     stride_cb, stride_ch, stride_cm,
     stride_ib, stride_ih, stride_im,
     stride_ab, stride_ah,
-    stride_tn, stride_os, stride_ls,
+    stride_tn, stride_os, stride_ls, stride_sp,
     H, GROUP, L, S, E, EV, page_size, num_splits,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset, window_lo,
     softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
@@ -109,7 +109,9 @@ def attention_forward_kernel(
     stride 0), the host lists per (b, h, query block) the key blocks to visit: BlockCount[..., 0]
     blocks that need no masking, then BlockCount[..., 1] that do, their indices in BlockIndex;
     blocks the mask and causality remove entirely are never loaded.
-    A row with no visible key gets out = 0 and lse = -inf.
+    A row with no visible key gets out = 0 and lse = -inf. With a float mask (natural units) Stats
+    (2, B, H, L) also gets each row's max and the log of its sum, apart (plane stride stride_sp),
+    for the backward (common._row_shift).
     Packed calls (VARLEN; B = 1, L = T_q and S = T_k the packed row counts): program axis 2 is the
     sequence n, whose rows, lengths and band come from CuSeqQ / CuSeqK / SeqUsedK (common._sequence);
     with PAGED its keys are read through BlockTable (row stride stride_tn; pages of page_size rows).
@@ -211,7 +213,15 @@ def attention_forward_kernel(
     if LOG2_UNITS:
         lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     else:
-        lse = tl.where(dead, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
+        logl = tl.math.log2(l_safe) * LN2
+        lse = tl.where(dead, float("-inf"), m_i + logl)
+        stats_ptrs = Stats + (b * H + h) * rows_total + q0_64 + offs_m
+        if CHECK_M:
+            tl.store(stats_ptrs, m_i, mask=offs_m < L)
+            tl.store(stats_ptrs + stride_sp, logl, mask=offs_m < L)
+        else:
+            tl.store(stats_ptrs, m_i)
+            tl.store(stats_ptrs + stride_sp, logl)
     o_ptrs = Out + split * stride_os + b * stride_ob + h * stride_oh + (q0_64 + m0_64) * stride_om
     o_ptrs = o_ptrs + local_m[:, None] * stride_om + offs_dv[None, :] * stride_ok
     _store_tile(o_ptrs, out.to(Out.dtype.element_ty), offs_m, L, offs_dv, EV, CHECK_M, CHECK_EV)
