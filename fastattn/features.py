@@ -139,6 +139,23 @@ def _check_softcap(softcap) -> float:
     return float(softcap)
 
 
+def _check_scale(scale) -> float | None:
+    """scale as SDPA takes it: None, any real number (NumPy's too) or a one-element real tensor."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or scale.dtype == torch.bool or scale.is_complex():
+            raise TypeError(
+                f"scale must be a float, None or a one-element real tensor, got a {scale.dtype} tensor of shape {tuple(scale.shape)}"
+            )
+        scale = scale.item()
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
 def window_bounds(window_size: tuple[int, int], L: int, S: int) -> tuple[int | None, int | None]:
     """(lower, upper) diagonal offsets of FlashAttention's window (left, right) for L queries and S
     keys: query i sees key j when i + S - L - left <= j <= i + S - L + right (bottom-right aligned;
@@ -190,15 +207,11 @@ def check_features(
 
     seqlens: (L, S), which place the window's diagonals; its right edge is intersected with the
     causal one (`causal_offset`, from is_causal or a CausalBias)."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):  # NumPy floats too
         raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    scale = _check_scale(scale)
     window_lo, window_hi = window_bounds(_check_window(window_size), *seqlens)
     if window_hi is not None:
         causal_offset = window_hi if causal_offset is None else min(causal_offset, window_hi)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .features import _check_window, anchored, check_features, relative_window
-from .problem import MAX_HEAD_DIM, Packing, Problem, _check_alibi, _check_tensor
+from .problem import MAX_HEAD_DIM, Packing, Problem, _check_alibi, _check_tensor, autocast_inputs
 
 
 def _check_index(name: str, t, query: torch.Tensor, dims: int) -> None:
@@ -63,6 +63,7 @@ def canonicalize_varlen(
     return the packed :class:`Problem`."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
+    query, key, value = autocast_inputs(query, key, value)
     paged = block_table is not None
     kv_dims = 4 if paged else 3
     if query.dim() != 3:

@@ -169,6 +169,35 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a dense strided tensor")
 
 
+def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as SDPA sees them inside a torch.autocast region of their device: float16,
+    bfloat16 and float32 ones in the region's dtype (float64 is left alone, as autocast does)."""
+    device_type = tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t for t in tensors)
+
+
+def _broadcast_batch(name: str, t: torch.Tensor, batch_shape: tuple[int, ...]) -> torch.Tensor:
+    """key or value with its batch dims broadcast to the query's (size-1 dims become stride-0
+    views, as SDPA broadcasts them); the query's batch dims are the result's, so they may not be
+    the broadcast ones."""
+    own = tuple(t.shape[:-3])
+    if own == batch_shape:
+        return t
+    try:
+        ok = torch.broadcast_shapes(own, batch_shape) == torch.Size(batch_shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"batch dims differ: query {batch_shape}, {name} {own} ({name}'s may only broadcast to the query's, "
+            "from size-1 dims)"
+        )
+    return t.expand(*batch_shape, *t.shape[-3:])
+
+
 def _causal_from_bias(bias, L: int, S: int) -> int:
     from torch.nn.attention.bias import CausalVariant
 
@@ -245,6 +274,7 @@ def canonicalize(
     :class:`Problem`. Raises TypeError/ValueError naming the argument."""
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
+    query, key, value = autocast_inputs(query, key, value)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
             f"query, key and value must have the same number of dims, got shapes "
@@ -264,11 +294,7 @@ def canonicalize(
     if squeeze_heads:
         query, key, value = query[None], key[None], value[None]
     batch_shape = tuple(query.shape[:-3])
-    if tuple(key.shape[:-3]) != batch_shape or tuple(value.shape[:-3]) != batch_shape:
-        raise ValueError(
-            f"batch dims differ: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
-            f"value {tuple(value.shape[:-3])}"
-        )
+    key, value = (_broadcast_batch(name, t, batch_shape) for name, t in (("key", key), ("value", value)))
     Hq, L, E = query.shape[-3:]
     Hkv, S, Ek = key.shape[-3:]
     Hv, Sv, Ev = value.shape[-3:]
@@ -300,10 +326,8 @@ def canonicalize(
         elif isinstance(attn_mask, torch.Tensor):
             if attn_mask.device != query.device:
                 raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
-            if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-                raise TypeError(
-                    f"attn_mask must be bool or have the query's dtype {query.dtype}, got {attn_mask.dtype}"
-                )
+            if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+                raise TypeError(f"attn_mask must be bool or a floating-point tensor, got {attn_mask.dtype}")
             if squeeze_heads and attn_mask.dim() > 2:
                 raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dims than the (L, S) scores")
             mask = _normalize_mask(attn_mask, query, batch_shape, Hq, L, S)

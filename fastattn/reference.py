@@ -24,7 +24,12 @@ def problem_scores(p: Problem, dtype: torch.dtype) -> torch.Tensor:
     q, k = p.q.to(dtype), p.k.to(dtype)
     if p.group > 1:
         k = k.repeat_interleave(p.group, dim=1)
-    s = torch.matmul(q, k.transpose(-2, -1)) * p.features.scale
+    # As SDPA's math backend: q and k scaled by sqrt(|scale|) before the product, so that float16
+    # products beyond 65504 that the scale brings back into range do not overflow first.
+    root = math.sqrt(abs(p.features.scale))
+    s = torch.matmul(q * root, k.transpose(-2, -1) * root)
+    if p.features.scale < 0:
+        s = s.neg_()
     mask = None if p.mask is None else p.mask if p.mask.dtype == torch.bool else p.mask.to(dtype)
     return scores.score_mods_(
         s, p.features, mask, 0, p.seqlen_q, 0, p.seqlen_k, alibi=p.alibi, seqlens=(p.seqlen_q, p.seqlen_k)

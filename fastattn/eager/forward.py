@@ -53,6 +53,10 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
         reasons.append("a softcap")
     if p.alibi is not None:
         reasons.append("ALiBi slopes")
+    if p.mask is not None and p.mask.dtype not in (torch.bool, p.dtype):
+        # The kernel takes masks of the query's dtype; a conversion could round a float32
+        # finfo.min to -inf in float16, where the tiled path keeps the mask's own values.
+        reasons.append("a float mask of another dtype than the query")
     return reasons
 
 
@@ -75,6 +79,12 @@ def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
             block = dataclasses.replace(p, q=p.q[:, :, r], mask=mask[:, :, r])
             out[:, :, r], lse[:, :, r] = _sdpa_cpu_rows(block, block.mask)
     lse = lse.to(lse_dtype(p.dtype))
+    # SDPA's CPU kernel gives a query row holding NaN output 0 and lse 0; SDPA's math backend, the
+    # reference and the tiled path give NaN there (NaN in K, V or the mask already propagates).
+    nan_rows = torch.isnan(p.q).any(dim=-1)
+    if nan_rows.any():
+        out = out.masked_fill(nan_rows[..., None], math.nan)
+        lse = lse.masked_fill(nan_rows, math.nan)
     if p.mask is not None:
         # The op returns out = 0 but lse = 0 for rows with no key; fastattn promises lse = -inf.
         dead = ~_mask_keep(p.mask).any(dim=-1)
