@@ -174,8 +174,9 @@ REGISTRY: dict[str, Backend] = {
 }
 
 
-def unsupported_reasons(name: str, p: Problem, explicit: bool = True) -> list[str]:
-    """Every reason backend `name` cannot serve problem `p` forward (empty when it can)."""
+def unsupported_reasons(name: str, p: Problem, explicit: bool = True, used: list[str] | None = None) -> list[str]:
+    """Every reason backend `name` cannot serve problem `p` forward (empty when it can). used: the
+    problem's :func:`used_features`, when the caller has them already."""
     b = REGISTRY[name]
     reasons = []
     if b.devices is not None and p.device.type not in b.devices:
@@ -185,7 +186,9 @@ def unsupported_reasons(name: str, p: Problem, explicit: bool = True) -> list[st
     if max(p.head_dim, p.head_dim_v) > b.max_head_dim:
         reasons.append(f"head dims up to {b.max_head_dim}, got E={p.head_dim}, Ev={p.head_dim_v}")
     reasons += [
-        f"does not implement {FEATURES[f].description}" for f in used_features(p) if name not in FEATURES[f].forward
+        f"does not implement {FEATURES[f].description}"
+        for f in (used_features(p) if used is None else used)
+        if name not in FEATURES[f].forward
     ]
     return reasons + b.more_reasons(p, explicit)
 
@@ -208,8 +211,8 @@ def choose_backward(forward: str, p: Problem) -> str:
     return forward if not backward_reasons(forward, p) else FALLBACK_BACKWARD
 
 
-def _check_implemented(p: Problem) -> None:
-    for f in used_features(p):
+def _check_implemented(used: list[str]) -> None:
+    for f in used:
         if not FEATURES[f].forward:
             raise FeatureNotImplemented(f"no fastattn backend implements {FEATURES[f].description}")
 
@@ -220,17 +223,39 @@ def choose_backend(name: str, p: Problem) -> Backend:
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != "auto" and name not in REGISTRY:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    _check_implemented(p)
+    used = used_features(p)
+    key = (name, p.device, p.dtype, p.head_dim, p.head_dim_v, tuple(used), _extra_key(p))
+    cached = _CHOSEN.get(key)
+    if cached is not None:
+        return cached
+    chosen = _choose(name, p, used)
+    if len(_CHOSEN) < 4096:
+        _CHOSEN[key] = chosen
+    return chosen
+
+
+# choose_backend's answers, by everything the declarations and reasons read: a decode loop asks
+# the same question thousands of times. Failures are not cached (they raise).
+_CHOSEN: dict[tuple, Backend] = {}
+
+
+def _extra_key(p: Problem):
+    """What the reasons read beyond device, dtype, head dims and features: a packed call's page size."""
+    return None if p.packing is None or p.packing.block_table is None else p.packing.page_size % 16
+
+
+def _choose(name: str, p: Problem, used: list[str]) -> Backend:
+    _check_implemented(used)
     if name == "auto":
         why = {}
         for candidate in AUTO_ORDER:
-            reasons = unsupported_reasons(candidate, p, explicit=False)
+            reasons = unsupported_reasons(candidate, p, explicit=False, used=used)
             if not reasons:
                 return REGISTRY[candidate]
             why[candidate] = reasons
         detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
         raise BackendUnavailable(f"no backend can serve this call ({detail})")
-    reasons = unsupported_reasons(name, p, explicit=True)
+    reasons = unsupported_reasons(name, p, explicit=True, used=used)
     if reasons:
         listed = "\n".join(f"  - {r}" for r in reasons)
         raise BackendUnavailable(f"backend={name!r} cannot serve this call:\n{listed}")

@@ -50,13 +50,24 @@ def run_forward(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     :class:`_FunctorchAttention`, the same forward and backward ops as an autograd.Function with a
     setup_context. Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) raises: the ops have
     no forward-mode derivative, and the custom op would silently give a zero tangent."""
-    packed, sizes = _packing_args(p)
-    args = (p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
     if not torch.compiler.is_compiling():
         _refuse_forward_ad(p)
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (p.q, p.k, p.v)):
-            return _FunctorchAttention.apply(*args)[:2]
+        wrapped = any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (p.q, p.k, p.v))
+        if not wrapped and not _needs_grad(p):
+            # Nothing to differentiate and no graph to trace: the op's body without its dispatch
+            # (the per-call cost of a decode loop; the results are the op's, bit for bit).
+            return _forward_impl(p, backend)[:2]
+    packed, sizes = _packing_args(p)
+    args = (p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
+    if not torch.compiler.is_compiling() and wrapped:
+        return _FunctorchAttention.apply(*args)[:2]
     return attention_forward(*args)[:2]
+
+
+def _needs_grad(p: Problem) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return p.q.requires_grad or p.k.requires_grad or p.v.requires_grad or (p.mask is not None and p.mask.requires_grad)
 
 
 FORWARD_AD_MESSAGE = (
@@ -135,10 +146,15 @@ def attention_forward(
     """(out (B, Hq, L, Ev), lse (B, Hq, L), stats) of a canonical problem, computed by `backend`.
     stats: what the backend's backward needs beyond lse (the Triton forward of a float-mask call:
     each row's max and log-sum apart, fused.forward.new_stats), else an empty (0,) tensor."""
+    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    return _forward_impl(p, backend)
+
+
+def _forward_impl(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fastattn::forward's body: (out, lse, stats) of `p` by `backend`, in the fake kernel's layout."""
     from .dispatch import REGISTRY
     from .packed import check_packing_values
 
-    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
     if p.packing is not None:
         check_packing_values(p)  # the index tensors' contents: inside the op, so compile traces no sync
     result = empty_result(p)

@@ -338,9 +338,12 @@ def canonicalize(
             )
 
     B = math.prod(batch_shape)
-    q = query.reshape(B, Hq, L, E)
-    k = key.reshape(B, Hkv, S, E)
-    v = value.reshape(B, Hkv, S, Ev)
+    if len(batch_shape) == 1:  # already (B, H, L, E): no reshape (a decode loop's per-call cost)
+        q, k, v = query, key, value
+    else:
+        q = query.reshape(B, Hq, L, E)
+        k = key.reshape(B, Hkv, S, E)
+        v = value.reshape(B, Hkv, S, Ev)
     features = check_features(
         scale=scale,
         head_dim=E,

@@ -16,7 +16,10 @@ first import), so :func:`triton_import_error` and :func:`flavour_error` can ask 
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.cache  # the answers are fixed for the process: triton's flavour is chosen at its import
 def triton_import_error() -> str | None:
     """Why `import triton` fails here, or None when it works."""
     try:
@@ -36,6 +39,7 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+@functools.cache
 def flavour_error(device_type: str) -> str | None:
     """Why this process's kernel flavour cannot run tensors on `device_type` (None when it can)."""
     err = triton_import_error()

@@ -11,7 +11,10 @@ CPU interpreter, and triton's own library functions are fixed when triton is fir
 
 from __future__ import annotations
 
+import functools
 
+
+@functools.cache  # fixed at triton's import
 def interpreted() -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     from triton.runtime.interpreter import InterpretedFunction
