@@ -224,6 +224,8 @@ def choose_backend(name: str, p: Problem) -> Backend:
     if name != "auto" and name not in REGISTRY:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     used = used_features(p)
+    if torch.compiler.is_compiling():  # a traced dict lookup would guard on the cache's contents
+        return _choose(name, p, used)
     key = (name, p.device, p.dtype, p.head_dim, p.head_dim_v, tuple(used), _extra_key(p))
     cached = _CHOSEN.get(key)
     if cached is not None:

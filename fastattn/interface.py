@@ -31,12 +31,15 @@ def attention(
 
     Shapes (the leading batch dims "..." are any SDPA accepts, including none):
         query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
-        2-D inputs (L, E), (S, E), (S, Ev) give (L, Ev). E and Ev may differ, each 1..256.
+        2-D inputs (L, E), (S, E), (S, Ev) give (L, Ev). E and Ev may differ, each 1..256. Key
+        and value batch dims of size 1 broadcast to the query's (stride-0 views).
 
     Arguments (names, order and defaults are SDPA's):
-        attn_mask: None; a bool tensor (True = the key takes part) or a float tensor of the
-            query's dtype (added to the scaled scores), broadcastable to (..., Hq, L, S) and read
-            through its strides (a (B, 1, 1, S) padding mask is never expanded); or SDPA's
+        attn_mask: None; a bool tensor (True = the key takes part) or a float tensor of any float
+            dtype (added to the scaled scores, read in its own dtype; every finite value, to
+            +-finfo.max, is a finite score: a row of finfo.min is the mean of V, as in SDPA),
+            broadcastable to (..., Hq, L, S) and read through its strides (a (B, 1, 1, S) padding
+            mask is never expanded); or SDPA's
             ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left(L, S)`` /
             ``causal_lower_right(L, S)``). A tensor mask may be combined with ``is_causal=True``
             (both apply; SDPA refuses this on some backends).
@@ -48,7 +51,7 @@ def attention(
                 1 1 0 0                     1 1 1 1
 
             bottom-right (query i sees j <= i + S - L) is what KV-cache decoding needs.
-        scale: multiplies Q K^T; default 1/sqrt(E).
+        scale: multiplies Q K^T; default 1/sqrt(E). Any real number or one-element tensor.
         enable_gqa: allow Hq != Hkv when Hq is a multiple of Hkv: query head h reads KV head
             h // (Hq // Hkv) (SDPA's grouping). K and V are never repeated in memory.
 
@@ -88,13 +91,15 @@ def attention(
 
     dtypes: float16, bfloat16, float32; float64 on the "cpu" and "reference" backends, and on
     "triton" for CPU tensors through the interpreter (for gradient checks). The output has the
-    input dtype. float32 matmuls on CUDA use TF32 only when
+    input dtype; inside torch.autocast of the inputs' device, q, k and v (not float64) take the
+    autocast dtype first, as SDPA does. float32 matmuls on CUDA use TF32 only when
     ``torch.backends.cuda.matmul.allow_tf32`` is True, as in the rest of PyTorch.
 
     Rows with nothing to attend to (every key masked out or outside the window, or S = 0) give
     output 0 and lse = -inf,
     never NaN. SDPA's math backend also gives 0 there, but some of its fused backends give NaN
-    (and its CPU kernel reports lse = 0).
+    (and its CPU kernel reports lse = 0). A query row holding NaN gives a NaN row (output and lse),
+    as in SDPA's math backend, on every backend.
 
     Returns out, or (out, lse) when return_lse=True.
 
@@ -103,6 +108,8 @@ def attention(
     lse (O(L) extra memory); the Triton backward runs without atomics, so repeated backward
     passes are bitwise identical. A float mask that requires grad gets its gradient summed over
     its broadcast dims, through the slower PyTorch tiled backward. Double backward raises.
+    torch.func.grad, vjp, jacrev and vmap work; forward-mode AD (torch.func.jvp, jacfwd,
+    torch.autograd.forward_ad) raises NotImplementedError: use backend="reference" for it.
     ``fastattn::forward`` and ``fastattn::backward`` are torch.library custom ops, so
     torch.compile traces the call without graph breaks.
 
