@@ -86,11 +86,11 @@ _FORWARD_TABLE = {
     (True, False, 64, False): (128, 32, 8, 3),
     (True, False, 64, True): (128, 32, 8, 3),
     (True, False, 128, False): (32, 32, 4, 3),
-    (True, False, 128, True): (32, 32, 4, 3),
+    (True, False, 128, True): (32, 32, 4, 2),  # 3 stages spilled with float masks in natural units
     (True, False, 256, False): (32, 32, 4, 3),
     (True, False, 256, True): (32, 16, 4, 3),
-    (False, True, 64, False): (128, 128, 8, 2),
-    (False, True, 64, True): (128, 32, 8, 2),
+    (False, True, 64, False): (128, 64, 8, 2),  # 128x128 spilled 5 in causal once kernels took Stats
+    (False, True, 64, True): (128, 16, 8, 2),  # 128x32 spilled 2 in window-bool-mask once kernels took Stats
     (False, True, 128, False): (64, 32, 4, 2),
     (False, True, 128, True): (64, 32, 8, 2),
     (False, True, 256, False): (64, 32, 8, 2),
@@ -118,7 +118,7 @@ _BACKWARD_TABLE = {
     (True, True, 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
     (True, True, 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
     (True, False, 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
-    (True, False, 128): ((32, 32, 4, 3, False), (32, 16, 4, 3)),
+    (True, False, 128): ((32, 32, 4, 3, False), (16, 16, 4, 3)),  # dQ 32x16 spilled 2 (window-ragged) with Stats
     (True, False, 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
     (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
     (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
