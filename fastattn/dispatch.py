@@ -110,7 +110,9 @@ def _run_reference(p: Problem):
 
     if p.packing is not None:
         from .eager.packed import packed_attention
+        from .packed import check_packing_values
 
+        check_packing_values(p)  # plain PyTorch ops, no fastattn::forward: checked here
         return packed_attention(p, problem_attention)
     return problem_attention(p)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .features import _check_window, anchored, check_features, relative_window
-from .problem import MAX_HEAD_DIM, Packing, Problem, _check_alibi, _check_tensor, autocast_inputs
+from .problem import Packing, Problem, _check_alibi, check_heads, check_qkv
 
 
 def _check_index(name: str, t, query: torch.Tensor, dims: int) -> None:
@@ -61,9 +61,7 @@ def canonicalize_varlen(
 ) -> Problem:
     """Check ``varlen_attention``'s arguments (TypeError / ValueError naming the argument) and
     return the packed :class:`Problem`."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
-    query, key, value = autocast_inputs(query, key, value)
+    query, key, value = check_qkv(query, key, value, enable_gqa)
     paged = block_table is not None
     kv_dims = 4 if paged else 3
     if query.dim() != 3:
@@ -72,34 +70,14 @@ def canonicalize_varlen(
         if t.dim() != kv_dims:
             layout = "(num_pages, page_size, Hkv, E) with block_table" if paged else "(T_k, Hkv, E)"
             raise ValueError(f"{name} must be {layout}, got shape {tuple(t.shape)}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
-        )
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     T_q, Hq, E = query.shape
     *kv_rows, Hkv, Ek = key.shape
     *v_rows, Hv, Ev = value.shape
-    if Ek != E:
-        raise ValueError(f"head dim of query ({E}) and key ({Ek}) must match")
     if v_rows != kv_rows:
         raise ValueError(
             f"key and value must have the same leading dims, got {tuple(key.shape)} and {tuple(value.shape)}"
         )
-    if Hv != Hkv:
-        raise ValueError(f"key has {Hkv} heads but value has {Hv}")
-    if E < 1 or Ev < 1 or E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
-        raise ValueError(f"head dims must be in 1..{MAX_HEAD_DIM}, got E={E}, Ev={Ev}")
-    if Hq != Hkv:
-        if not enable_gqa:
-            raise ValueError(
-                f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention"
-            )
-        if Hkv == 0 or Hq % Hkv != 0:
-            raise ValueError(f"enable_gqa=True needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+    check_heads(Hq, Hkv, Hv, E, Ek, Ev, enable_gqa)
 
     _check_index("cu_seq_q", cu_seq_q, query, 1)
     N = cu_seq_q.shape[0] - 1

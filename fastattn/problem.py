@@ -169,6 +169,43 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a dense strided tensor")
 
 
+def check_qkv(query, key, value, enable_gqa) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checks every public call makes of query, key and value (tensors of one supported dtype
+    on one device) and enable_gqa; returns the three as autocast sees them (:func:`autocast_inputs`)."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    query, key, value = autocast_inputs(query, key, value)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    return query, key, value
+
+
+def check_heads(Hq: int, Hkv: int, Hv: int, E: int, Ek: int, Ev: int, enable_gqa: bool) -> None:
+    """Head counts and head dims: key's E is the query's, value's heads are the key's, 1 <= E, Ev <=
+    MAX_HEAD_DIM, and Hq != Hkv only with enable_gqa and Hq a multiple of Hkv."""
+    if Ek != E:
+        raise ValueError(f"head dim of query ({E}) and key ({Ek}) must match")
+    if Hv != Hkv:
+        raise ValueError(f"key has {Hkv} heads but value has {Hv}")
+    if E < 1 or Ev < 1:
+        raise ValueError(f"head dims must be at least 1, got E={E}, Ev={Ev}")
+    if E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
+        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got E={E}, Ev={Ev}")
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention"
+            )
+        if Hkv == 0 or Hq % Hkv != 0:
+            raise ValueError(f"enable_gqa=True needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+
+
 def autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors as SDPA sees them inside a torch.autocast region of their device: float16,
     bfloat16 and float32 ones in the region's dtype (float64 is left alone, as autocast does)."""
@@ -272,24 +309,14 @@ def canonicalize(
 ) -> Problem:
     """Check SDPA-style arguments (and fastattn's keyword-only modifiers) and return their
     :class:`Problem`. Raises TypeError/ValueError naming the argument."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        _check_tensor(name, t)
-    query, key, value = autocast_inputs(query, key, value)
+    query, key, value = check_qkv(query, key, value, enable_gqa)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
             f"query, key and value must have the same number of dims, got shapes "
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
         )
-    if not (query.dtype == key.dtype == value.dtype):
-        raise TypeError(f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if not (query.device == key.device == value.device):
-        raise ValueError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
-        )
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     squeeze_heads = query.dim() == 2
     if squeeze_heads:
         query, key, value = query[None], key[None], value[None]
@@ -298,23 +325,9 @@ def canonicalize(
     Hq, L, E = query.shape[-3:]
     Hkv, S, Ek = key.shape[-3:]
     Hv, Sv, Ev = value.shape[-3:]
-    if Ek != E:
-        raise ValueError(f"head dim of query ({E}) and key ({Ek}) must match")
     if Sv != S:
         raise ValueError(f"key has S={S} positions but value has {Sv}")
-    if Hv != Hkv:
-        raise ValueError(f"key has {Hkv} heads but value has {Hv}")
-    if E < 1 or Ev < 1:
-        raise ValueError(f"head dims must be at least 1, got E={E}, Ev={Ev}")
-    if E > MAX_HEAD_DIM or Ev > MAX_HEAD_DIM:
-        raise ValueError(f"head dims up to {MAX_HEAD_DIM} are supported, got E={E}, Ev={Ev}")
-    if Hq != Hkv:
-        if not enable_gqa:
-            raise ValueError(
-                f"query has {Hq} heads and key/value {Hkv}; pass enable_gqa=True for grouped-query attention"
-            )
-        if Hkv == 0 or Hq % Hkv != 0:
-            raise ValueError(f"enable_gqa=True needs query heads ({Hq}) to be a multiple of key/value heads ({Hkv})")
+    check_heads(Hq, Hkv, Hv, E, Ek, Ev, enable_gqa)
 
     causal_offset = 0 if is_causal else None
     mask = None

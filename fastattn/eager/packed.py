@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from ..packed import check_packing_values, rows_of, run_problem, runs
+from ..packed import rows_of, run_problem, runs, sequences
 from ..problem import Problem, empty_result, lse_dtype
 
 
 def packed_attention(p: Problem, dense) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (1, Hq, T_q, Ev) in the packed layout, lse (1, Hq, T_q)) of a packed problem, each run
-    computed by `dense` (a dense problem -> (out, lse); the CPU path or the reference)."""
+    """(out (1, Hq, T_q, Ev) in the packed layout, lse (1, Hq, T_q)) of a packed problem whose index
+    tensors were checked (packed.check_packing_values), each run computed by `dense` (a dense
+    problem -> (out, lse); the CPU path or the reference)."""
     out = p.new_out()
     lse = torch.empty(1, p.heads_q, p.seqlen_q, dtype=lse_dtype(p.dtype), device=p.device)
-    for r in runs(p, check_packing_values(p)):
+    for r in runs(p, sequences(p)):
         if r.L == 0:
             continue
         rp = run_problem(p, r)
@@ -36,7 +37,7 @@ def packed_attention_backward(p: Problem, out, lse, dout, dlse, dense_backward):
     dq = torch.zeros_like(p.new_out(p.head_dim))
     dk = torch.zeros(p.seqlen_k, p.heads_kv, p.head_dim, dtype=p.dtype, device=p.device).permute(1, 0, 2)[None]
     dv = torch.zeros(p.seqlen_k, p.heads_kv, p.head_dim_v, dtype=p.dtype, device=p.device).permute(1, 0, 2)[None]
-    for r in runs(p, check_packing_values(p)):
+    for r in runs(p, sequences(p)):
         if r.L == 0 or r.S == 0:
             continue
         rp = run_problem(p, r)

@@ -256,13 +256,9 @@ def attention_backward_dkdv_kernel(
     LOG2_UNITS: tl.constexpr = MASK_KIND != 2  # float masks keep natural units (common.py)
     start_n = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
-    seq = tl.program_id(2).to(tl.int64)
-    if VARLEN:  # packed calls are one batch of packed rows; axis 2 is the sequence
-        b = seq * 0
-    else:
-        b = seq
+    seq = tl.program_id(2).to(tl.int64)  # with VARLEN, the sequence
     rows_total = L  # the row stride of Lse and Delta, before L becomes the sequence's length
-    q0, k0, L, S, causal_offset, window_lo = _sequence(
+    b, q0, k0, L, S, causal_offset, window_lo = _sequence(
         CuSeqQ, CuSeqK, CuSeqK, seq, L, S, causal_offset, window_lo,
         VARLEN=VARLEN, HAS_CU_K=True, HAS_SEQUSED=False)
     n0 = start_n * BLOCK_N
@@ -418,13 +414,9 @@ def attention_backward_dq_kernel(
     LOG2_UNITS: tl.constexpr = MASK_KIND != 2  # float masks keep natural units (common.py)
     start_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    seq = tl.program_id(2).to(tl.int64)
-    if VARLEN:  # packed calls are one batch of packed rows; axis 2 is the sequence
-        b = seq * 0
-    else:
-        b = seq
+    seq = tl.program_id(2).to(tl.int64)  # with VARLEN, the sequence
     rows_total = L  # the row stride of Lse and Delta, before L becomes the sequence's length
-    q0, k0, L, S, causal_offset, window_lo = _sequence(
+    b, q0, k0, L, S, causal_offset, window_lo = _sequence(
         CuSeqQ, CuSeqK, CuSeqK, seq, L, S, causal_offset, window_lo,
         VARLEN=VARLEN, HAS_CU_K=True, HAS_SEQUSED=False)
     kvh = h // GROUP

@@ -365,8 +365,9 @@ def _block_start(j, Index, gap_at, gap, BLOCK: tl.constexpr, FROM_LIST: tl.const
 @triton.jit
 def _sequence(CuSeqQ, CuSeqK, SeqUsedK, n, L, S, causal_offset, window_lo,
               VARLEN: tl.constexpr, HAS_CU_K: tl.constexpr, HAS_SEQUSED: tl.constexpr):
-    """(q0, k0, L, S, causal_offset, window_lo) of sequence n: its first query and key rows, its
-    lengths and its band. VARLEN: read from the int32 cu_seq_q / cu_seq_k (HAS_CU_K; else keys start
+    """(b, q0, k0, L, S, causal_offset, window_lo) of program batch n: the batch index of the
+    strides (0 for a packed call, one batch of packed rows), the first query and key rows, the
+    lengths and the band. VARLEN: read from the int32 cu_seq_q / cu_seq_k (HAS_CU_K; else keys start
     at 0, in a page pool) and seqused_k (HAS_SEQUSED: the number of keys that take part), the band's
     diagonals given relative to the bottom-right corner and shifted by S - L here. Else the
     problem's own (q0 = k0 = 0)."""
@@ -382,10 +383,12 @@ def _sequence(CuSeqQ, CuSeqK, SeqUsedK, n, L, S, causal_offset, window_lo,
             S = tl.load(SeqUsedK + n)
         causal_offset = causal_offset + (S - L)
         window_lo = window_lo + (S - L)
+        b = n * 0
     else:
         q0 = n * 0
         k0 = n * 0
-    return q0, k0, L, S, causal_offset, window_lo
+        b = n
+    return b, q0, k0, L, S, causal_offset, window_lo
 
 
 @triton.jit

@@ -139,13 +139,8 @@ def attention_forward_kernel(
     else:
         seq = tl.program_id(2).to(tl.int64)
         split = 0
-    # The batch index of the strides: packed calls are one batch of packed rows.
-    if VARLEN:
-        b = seq * 0
-    else:
-        b = seq
     rows_total = L  # the row stride of Lse, before L becomes the sequence's length
-    q0, k0, L, S, causal_offset, window_lo = _sequence(
+    b, q0, k0, L, S, causal_offset, window_lo = _sequence(
         CuSeqQ, CuSeqK, SeqUsedK, seq, L, S, causal_offset, window_lo,
         VARLEN=VARLEN, HAS_CU_K=HAS_CU_K, HAS_SEQUSED=HAS_SEQUSED)
     kvh = h // GROUP
