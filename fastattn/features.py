@@ -63,7 +63,8 @@ class Features:
     window_lo: None, or w such that query i sees key j only when j >= i + w: the lower edge, from
         a sliding window's left size (w = S - L - left). None where it would hide nothing.
     softcap: 0.0, or c > 0: each scaled score s becomes c * tanh(s / c) before bias and mask.
-    dropout_p: the probability of dropping an attention weight (declared; no backend serves it yet).
+    dropout_p: the probability of dropping an attention weight (fastattn.dropout: which ones is a
+        function of the call's draw, ``Problem.rng``, a tensor that travels beside the mask).
     The ALiBi slopes are a tensor: they travel beside the mask (``Problem.alibi``), not here.
     """
 
@@ -286,10 +287,10 @@ FEATURES: dict[str, Feature] = {
         frozenset(),
     ),
     "dropout": Feature(
-        "dropout_p > 0 (not implemented yet in fastattn; pass dropout_p=0.0)",
+        "attention dropout (dropout_p > 0, counter-based: fastattn.dropout)",
         lambda p: p.features.dropout_p > 0.0,
-        frozenset(),
-        frozenset(),
+        ALL_BACKENDS,
+        ALL_BACKENDS,
     ),
 }
 

@@ -23,11 +23,13 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
     """Exact attention, softmax(Q K^T * scale + mask) V, with SDPA's arguments and FlashAttention's
-    score modifiers (sliding window, softcap, ALiBi).
+    score modifiers (sliding window, softcap, ALiBi), and dropout that is the same bits on every
+    backend.
 
     Shapes (the leading batch dims "..." are any SDPA accepts, including none):
         query (..., Hq, L, E), key (..., Hkv, S, E), value (..., Hkv, S, Ev) -> (..., Hq, L, Ev).
@@ -43,7 +45,17 @@ def attention(
             ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left(L, S)`` /
             ``causal_lower_right(L, S)``). A tensor mask may be combined with ``is_causal=True``
             (both apply; SDPA refuses this on some backends).
-        dropout_p: must be 0.0 for now; > 0 raises NotImplementedError (dropout comes later).
+        dropout_p: in [0, 1). SDPA's definition: each attention weight is dropped (0) with
+            probability dropout_p, independently per (batch, query head, query row, key), and
+            the kept ones are multiplied by 1 / (1 - dropout_p); 0.0 costs nothing. Applied
+            whenever dropout_p > 0 (as SDPA: pass 0.0 in eval mode). Which weights are dropped is
+            a pure function of a draw of two int64 numbers (seed, offset) made per call from
+            `generator` (fastattn.dropout gives the formula: Philox4x32-10 counters), so
+            torch.manual_seed makes runs reproducible, consecutive calls differ, and one draw
+            gives bit-identical masks on every backend and device, whatever the tiles; the
+            backward regenerates the mask (never stored). lse (return_lse) is that of the
+            scores before dropout, as FlashAttention defines it. fastattn.reference.attention(...,
+            return_weights=True) shows the dropped weights.
         is_causal: SDPA's top-left alignment: query i sees key j when j <= i. For L=2, S=4::
 
                 top-left (is_causal=True)   bottom-right (causal_lower_right(2, 4))
@@ -76,6 +88,11 @@ def attention(
         alibi_slopes: None, or a float32 tensor of shape (Hq,) or (..., Hq) (the batch dims
             first) on the query's device: head h adds -slope[h] * |i + S - L - j| to its scores
             (FlashAttention's ALiBi). Not differentiable: a slopes tensor that requires grad raises.
+        generator: None (torch's default generator of the inputs' device) or a torch.Generator
+            to draw dropout's seed and offset from: on the inputs' device, or a CPU generator
+            for inputs on any device (so that a CPU and a GPU run draw the same masks). Not
+            read when dropout_p = 0. Under torch.compile the draw is a traced op (no graph break;
+            the compiled program may draw other numbers than eager mode does).
 
         The order, the same on every backend: s = scale * q . k -> softcap -> + ALiBi bias ->
         + float mask (or -inf where a bool mask is False) -> -inf outside causal (is_causal or
@@ -115,7 +132,7 @@ def attention(
 
     Raises TypeError / ValueError naming the argument for bad input (ranks, batch dims, head
     counts, head dims, dtypes, devices, mask shape or dtype, dropout_p, window_size, softcap,
-    alibi_slopes' shape, dtype or device).
+    alibi_slopes' shape, dtype or device, a generator of another device).
     """
     p = canonicalize(
         query,
@@ -129,6 +146,7 @@ def attention(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        generator=generator,
     )
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
@@ -170,12 +188,14 @@ def varlen_attention(
     num_splits: int | None = None,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
     backend: str = "auto",
 ):
     """Attention over a packed batch of variable-length sequences, and KV-cache decoding (contiguous
     or paged). Names, order, defaults and meaning of the arguments up to num_splits are those of
-    ``torch.nn.attention.varlen.varlen_attn``; softcap, alibi_slopes and backend are fastattn's, as in
-    :func:`fastattn.attention`. Runs on any device.
+    ``torch.nn.attention.varlen.varlen_attn``; softcap, alibi_slopes, dropout_p, generator and
+    backend are fastattn's, as in :func:`fastattn.attention`. Runs on any device.
 
     Shapes (N sequences; T_q, T_k the packed row counts):
         query (T_q, Hq, E), key (T_k, Hkv, E), value (T_k, Hkv, Ev) -> out (T_q, Hq, Ev), contiguous.
@@ -209,6 +229,9 @@ def varlen_attention(
             backends compute the same values without splitting and ignore it.
         softcap, alibi_slopes: as in fastattn.attention (alibi_slopes (Hq,) or (N, Hq)), per
             sequence: ALiBi's distance is |i + S - L - j| with that sequence's lengths.
+        dropout_p, generator: as in fastattn.attention, with sequence n as the batch index and
+            rows and keys counted within the sequence: sequence n drops what a dense call of
+            batch n on its rows alone would, with the same draw.
         backend: "auto", "triton", "cpu" or "reference", as in fastattn.attention.
 
     Returns out, or (out, lse) when return_aux asks for lse.
@@ -239,6 +262,8 @@ def varlen_attention(
         num_splits=num_splits,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        dropout_p=dropout_p,
+        generator=generator,
     )
     want_lse = _wants_lse(return_aux)
     chosen = choose_backend(backend, p)

@@ -1,9 +1,10 @@
 """torch.library custom ops for the forward and backward, their fake kernels and autograd.
 
-``fastattn::forward(q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats,
-sizes, backend) -> (out, lse)`` runs a backend on a canonical problem (fastattn.problem.Problem:
+``fastattn::forward(q, k, v, mask, alibi, rng, cu_seq_q, cu_seq_k, seqused_k, block_table, ints,
+floats, sizes, backend) -> (out, lse)`` runs a backend on a canonical problem (fastattn.problem.Problem:
 q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or 4-D with dims 1 or full, alibi
-None or float32 (1 or B, Hq) slopes; a packed call's index tensors and sizes, its
+None or float32 (1 or B, Hq) slopes, rng None or dropout's int64 (2,) draw, which the backward
+takes too and regenerates the dropout mask from; a packed call's index tensors and sizes, its
 :class:`fastattn.problem.Packing`, or None and []). ``ints`` and ``floats`` are the call's
 :class:`fastattn.features.Features`, packed by :meth:`Features.pack`: the schema never names a
 scalar feature, so a new one needs no change here. Packed calls return out (and take dout, and
@@ -25,9 +26,10 @@ _NO_STATS = (0,)  # the stats placeholder of calls whose backward needs none
 _DENSE = (None, None, None, None)  # the packing tensors of a dense call
 
 
-def _problem(q, k, v, mask, alibi, packed, ints, floats, sizes) -> Problem:
+def _problem(q, k, v, mask, alibi, rng, packed, ints, floats, sizes) -> Problem:
     packing = Packing.from_op(packed, sizes)
-    return Problem(q=q, k=k, v=v, mask=mask, alibi=alibi, features=Features.unpack(ints, floats), packing=packing)
+    features = Features.unpack(ints, floats)
+    return Problem(q=q, k=k, v=v, mask=mask, alibi=alibi, features=features, packing=packing, rng=rng)
 
 
 def _packing_args(p: Problem) -> tuple[tuple, list[int]]:
@@ -58,7 +60,7 @@ def run_forward(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
             # (the per-call cost of a decode loop; the results are the op's, bit for bit).
             return _forward_impl(p, backend)[:2]
     packed, sizes = _packing_args(p)
-    args = (p.q, p.k, p.v, p.mask, p.alibi, *packed, *p.features.pack(), sizes, backend)
+    args = (p.q, p.k, p.v, p.mask, p.alibi, p.rng, *packed, *p.features.pack(), sizes, backend)
     if not torch.compiler.is_compiling() and wrapped:
         return _FunctorchAttention.apply(*args)[:2]
     return attention_forward(*args)[:2]
@@ -134,6 +136,7 @@ def attention_forward(
     v: torch.Tensor,
     mask: torch.Tensor | None,
     alibi: torch.Tensor | None,
+    rng: torch.Tensor | None,
     cu_seq_q: torch.Tensor | None,
     cu_seq_k: torch.Tensor | None,
     seqused_k: torch.Tensor | None,
@@ -146,7 +149,7 @@ def attention_forward(
     """(out (B, Hq, L, Ev), lse (B, Hq, L), stats) of a canonical problem, computed by `backend`.
     stats: what the backend's backward needs beyond lse (the Triton forward of a float-mask call:
     each row's max and log-sum apart, fused.forward.new_stats), else an empty (0,) tensor."""
-    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    p = _problem(q, k, v, mask, alibi, rng, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
     return _forward_impl(p, backend)
 
 
@@ -175,7 +178,7 @@ def _stats_shape(q, k, v, mask, backend) -> tuple[int, ...]:
 
 
 @attention_forward.register_fake
-def _(q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend):
+def _(q, k, v, mask, alibi, rng, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
     return _in_layout(cu_seq_q is not None, out), lse, lse.new_empty(_stats_shape(q, k, v, mask, backend))
@@ -193,6 +196,7 @@ def attention_backward(
     stats: torch.Tensor,
     mask: torch.Tensor | None,
     alibi: torch.Tensor | None,
+    rng: torch.Tensor | None,
     cu_seq_q: torch.Tensor | None,
     cu_seq_k: torch.Tensor | None,
     ints: list[int],
@@ -206,7 +210,7 @@ def attention_backward(
     are inference only."""
     from .dispatch import REGISTRY
 
-    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, None, None), ints, floats, sizes)
+    p = _problem(q, k, v, mask, alibi, rng, (cu_seq_q, cu_seq_k, None, None), ints, floats, sizes)
     packed = p.packing is not None
     no_dmask = q.new_empty(_NO_MASK_GRAD)
     if empty_result(p) is not None:
@@ -219,7 +223,9 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(dout, dlse, q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k, ints, floats, sizes, backend, mask_grad):
+def _(
+    dout, dlse, q, k, v, out, lse, stats, mask, alibi, rng, cu_seq_q, cu_seq_k, ints, floats, sizes, backend, mask_grad
+):
     dmask = mask.new_empty(mask.shape) if mask_grad else q.new_empty(_NO_MASK_GRAD)
     packed = cu_seq_q is not None
     return tuple(_in_layout(packed, t.new_empty(t.shape)) for t in (q, k, v)) + (dmask,)
@@ -228,12 +234,12 @@ def _(dout, dlse, q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k, int
 def _setup_context(ctx, inputs, output):
     from .dispatch import FALLBACK_BACKWARD, backward_reasons, choose_backward
 
-    q, k, v, mask, alibi, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend = inputs
+    q, k, v, mask, alibi, rng, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend = inputs
     out, lse, stats = output
-    ctx.save_for_backward(q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k)
+    ctx.save_for_backward(q, k, v, out, lse, stats, mask, alibi, rng, cu_seq_q, cu_seq_k)
     ctx.ints, ctx.floats, ctx.sizes = ints, floats, sizes
     # Chosen with the inputs as the caller passed them: a float mask's requires_grad is a feature.
-    p = _problem(q, k, v, mask, alibi, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    p = _problem(q, k, v, mask, alibi, rng, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
     ctx.backend = choose_backward(backend, p)
     # What no backward differentiates (a KV cache) fails when a gradient is asked for, not before:
     # a forward under autograd (no torch.no_grad()) still runs.
@@ -245,15 +251,15 @@ def _backward(ctx, dout, dlse, dstats=None, backward_op=None):
     backward_op = backward_op or attention_backward
     if ctx.refused:
         raise RuntimeError("fastattn cannot compute this gradient: " + "; ".join(ctx.refused))
-    q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k = ctx.saved_tensors
+    q, k, v, out, lse, stats, mask, alibi, rng, cu_seq_q, cu_seq_k = ctx.saved_tensors
     packed = cu_seq_q is not None
     if dout is None:  # only lse takes part in the loss
         dout = torch.zeros_like(out)
     dq, dk, dv, dmask = backward_op(
-        _in_layout(packed, dout), dlse, q, k, v, out, lse, stats, mask, alibi, cu_seq_q, cu_seq_k,
+        _in_layout(packed, dout), dlse, q, k, v, out, lse, stats, mask, alibi, rng, cu_seq_q, cu_seq_k,
         ctx.ints, ctx.floats, ctx.sizes, ctx.backend, ctx.mask_grad,
     )  # fmt: skip
-    return dq, dk, dv, dmask if ctx.mask_grad else None, *([None] * 9)
+    return dq, dk, dv, dmask if ctx.mask_grad else None, *([None] * 10)
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)

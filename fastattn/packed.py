@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .features import _check_window, anchored, check_features, relative_window
-from .problem import Packing, Problem, _check_alibi, check_heads, check_qkv
+from .problem import Packing, Problem, _check_alibi, check_heads, check_qkv, dropout_draw
 
 
 def _check_index(name: str, t, query: torch.Tensor, dims: int) -> None:
@@ -58,9 +58,11 @@ def canonicalize_varlen(
     num_splits=None,
     softcap=0.0,
     alibi_slopes=None,
+    dropout_p=0.0,
+    generator=None,
 ) -> Problem:
     """Check ``varlen_attention``'s arguments (TypeError / ValueError naming the argument) and
-    return the packed :class:`Problem`."""
+    return the packed :class:`Problem` (with dropout's draw when dropout_p > 0)."""
     query, key, value = check_qkv(query, key, value, enable_gqa)
     paged = block_table is not None
     kv_dims = 4 if paged else 3
@@ -111,7 +113,7 @@ def canonicalize_varlen(
 
     # The features of the whole call, its band relative to each sequence's bottom-right corner.
     features = check_features(
-        scale=scale, head_dim=E, causal_offset=None, dropout_p=0.0, window_size=(-1, -1), softcap=softcap
+        scale=scale, head_dim=E, causal_offset=None, dropout_p=dropout_p, window_size=(-1, -1), softcap=softcap
     )
     lower, upper = relative_window(_check_window(window_size))
     features = dataclasses.replace(features, causal_offset=upper, window_lo=lower)
@@ -135,7 +137,8 @@ def canonicalize_varlen(
         page_size=page_size,
         num_splits=num_splits or 0,
     )
-    return Problem(q=q, k=k, v=v, mask=None, features=features, alibi=alibi, packing=packing)
+    rng = dropout_draw(features, query.device, generator)
+    return Problem(q=q, k=k, v=v, mask=None, features=features, alibi=alibi, packing=packing, rng=rng)
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,8 @@ def _paged_rows(p: Problem, r: Run) -> torch.Tensor:
 
 def run_problem(p: Problem, r: Run) -> Problem:
     """The dense problem of run `r`: q (count, Hq, L, E), k (count, Hkv, S, E), v likewise, with
-    the features anchored at (L, S) and the run's ALiBi slopes."""
+    the features anchored at (L, S), the run's ALiBi slopes and its first sequence as dropout's
+    batch index (batch0)."""
     if p.packing.block_table is not None:
         # Whole pool rows (Hkv * E contiguous values each) gathered into the run's own packed rows,
         # then seen as (count, Hkv, S, E) like a contiguous cache's slots.
@@ -277,4 +281,6 @@ def run_problem(p: Problem, r: Run) -> Problem:
         mask=None,
         features=anchored(p.features, r.L, r.S),
         alibi=alibi,
+        rng=p.rng,
+        batch0=r.n0,
     )

@@ -83,7 +83,8 @@ class Problem:
     size of (B, Hq, L, S); never expanded in memory. features: the scale, the causal offset and
     every other scalar property of the call (:class:`fastattn.features.Features`). alibi: None or
     the ALiBi slopes, float32 (1 or B, Hq): head h of batch b adds -alibi[b, h] * |i + S - L - j|.
-    batch_shape / squeeze_heads: how :meth:`restore` gives results the caller's shape.
+    batch_shape / squeeze_heads: how :meth:`restore` gives results the caller's shape. rng /
+    batch0: dropout's draw and the counter index of the first batch (:mod:`fastattn.dropout`).
     """
 
     q: torch.Tensor
@@ -95,6 +96,10 @@ class Problem:
     batch_shape: tuple[int, ...] = ()
     squeeze_heads: bool = False  # the caller passed 2-D (L, E) tensors without a head dim
     packing: Packing | None = None  # a packed call (varlen_attention): see Packing
+    # dropout_p > 0: the call's int64 (2,) (seed, offset) draw (fastattn.dropout), on the device.
+    rng: torch.Tensor | None = None
+    # The dropout counter's batch index of batch 0 (a packed call's run of sequences: its first).
+    batch0: int = 0
 
     @property
     def batch(self) -> int:
@@ -306,9 +311,11 @@ def canonicalize(
     window_size=(-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
 ) -> Problem:
     """Check SDPA-style arguments (and fastattn's keyword-only modifiers) and return their
-    :class:`Problem`. Raises TypeError/ValueError naming the argument."""
+    :class:`Problem`, with dropout's draw from `generator` when dropout_p > 0. Raises
+    TypeError/ValueError naming the argument."""
     query, key, value = check_qkv(query, key, value, enable_gqa)
     if not (query.dim() == key.dim() == value.dim()):
         raise ValueError(
@@ -376,7 +383,17 @@ def canonicalize(
         alibi=alibi,
         batch_shape=batch_shape,
         squeeze_heads=squeeze_heads,
+        rng=dropout_draw(features, query.device, generator),
     )
+
+
+def dropout_draw(features: Features, device: torch.device, generator) -> torch.Tensor | None:
+    """The call's dropout draw (fastattn.dropout.draw) when dropout_p > 0, else None (and no draw:
+    the generator's state is untouched); the generator is checked either way."""
+    from . import dropout
+
+    dropout.check_generator(generator, device)
+    return dropout.draw(device, generator) if features.dropout_p > 0.0 else None
 
 
 def empty_result(p: Problem) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -5,10 +5,12 @@ It materialises the full (..., Hq, L, S) score matrix, so it is only for small p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from . import dropout
 from .dispatch import choose_backend
 from .eager import scores
 from .problem import Problem, canonicalize, empty_result
@@ -53,6 +55,10 @@ def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weigh
         live = s.masked_fill(dead, 0.0)
         lse = torch.logsumexp(live, dim=-1).masked_fill(dead[..., 0], -math.inf)
         weights = torch.softmax(live, dim=-1).masked_fill(dead, 0.0)
+        if p.rng is not None:  # dropout: the kept weights, rescaled; lse stays that of the scores
+            f = p.features
+            keep = dropout.grouped_keep(p, slice(0, p.batch), slice(0, p.heads_kv), 0, p.seqlen_q, 0, p.seqlen_k)
+            weights = weights * keep.reshape(weights.shape) * dropout.rescale(f.dropout_p)
         v = p.v.to(dtype)
         if p.group > 1:
             v = v.repeat_interleave(p.group, dim=1)
@@ -75,6 +81,7 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     return_lse: bool = False,
     return_weights: bool = False,
     upcast: bool = False,
@@ -82,14 +89,16 @@ def attention(
     """softmax(Q K^T * scale + mask) V, computed literally from the full score matrix.
 
     Arguments and their meaning are those of :func:`fastattn.attention` (SDPA's, plus the
-    keyword-only window_size, softcap and alibi_slopes, applied in the order written there).
+    keyword-only window_size, softcap and alibi_slopes, applied in the order written there, and
+    dropout_p with its generator: the same draw gives the same dropped weights as every backend).
 
     upcast: False computes in the inputs' dtype (the low-precision baseline the error-ratio tests
         compare against); True computes and returns everything in float64 (the oracle).
     return_lse: also return lse (..., Hq, L), the natural-log logsumexp of each row's scaled,
         masked scores (float32; float64 when upcast or for float64 inputs).
     return_weights: also return the attention probabilities (..., Hq, L, S): row i says how much
-        query i took from each key position. Rows with no key to attend to are all zero.
+        query i took from each key position. Rows with no key to attend to are all zero. With
+        dropout_p > 0, the weights after dropout: 0 where dropped, the rest times 1 / (1 - p).
 
     Returns out, or a tuple (out, lse), (out, weights) or (out, lse, weights) in that order.
     """
@@ -105,8 +114,9 @@ def attention(
         window_size=window_size,
         softcap=softcap,
         alibi_slopes=alibi_slopes,
+        generator=generator,
     )
-    choose_backend("reference", p)  # refuses what the reference does not implement (dropout)
+    choose_backend("reference", p)
     out, lse, weights = problem_attention(p, torch.float64 if upcast else None, return_weights=True)
     out, lse = p.restore(out, lse)
     results = [out]
@@ -135,13 +145,15 @@ def varlen_attention(
     num_splits: int | None = None,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
     return_weights: bool = False,
     upcast: bool = False,
 ):
-    """:func:`fastattn.varlen_attention` computed literally: a loop over the sequences, each one a
-    call of :func:`attention` on its own rows (its keys gathered from the pages with a block
-    table). Arguments as there (num_splits is checked and has no effect); upcast as in
-    :func:`attention`.
+    """:func:`fastattn.varlen_attention` computed literally: a loop over the sequences, each one
+    :func:`attention`'s formula on its own rows (its keys gathered from the pages with a block
+    table; dropout's batch index is the sequence's). Arguments as there (num_splits is checked and
+    has no effect); upcast as in :func:`attention`.
 
     return_weights: also return a list of the N sequences' attention weights (Hq, L_n, S_n).
     Returns out, then lse (with return_aux.lse), then the weights, as a tuple when more than one.
@@ -152,7 +164,7 @@ def varlen_attention(
     p = canonicalize_varlen(
         query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
         enable_gqa=enable_gqa, seqused_k=seqused_k, block_table=block_table, num_splits=num_splits,
-        softcap=softcap, alibi_slopes=alibi_slopes,
+        softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p, generator=generator,
     )  # fmt: skip
     want_lse = _wants_lse(return_aux)
     Hq, Ev = query.shape[1], value.shape[-1]
@@ -169,14 +181,17 @@ def varlen_attention(
         slopes = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[n]
-        o, lse, w = attention(
+        sp = canonicalize(
             query[s.q0 : s.q0 + s.L].transpose(0, 1), k_n.transpose(0, 1), v_n.transpose(0, 1),
-            scale=scale, enable_gqa=enable_gqa, window_size=window_size, softcap=softcap,
-            alibi_slopes=slopes, return_lse=True, return_weights=True, upcast=upcast,
+            scale=scale, enable_gqa=enable_gqa, window_size=window_size, softcap=softcap, alibi_slopes=slopes,
         )  # fmt: skip
+        features = dataclasses.replace(sp.features, dropout_p=p.features.dropout_p)
+        sp = dataclasses.replace(sp, features=features, rng=p.rng, batch0=n)
+        o, lse, w = problem_attention(sp, torch.float64 if upcast else None, return_weights=True)
+        o, lse = sp.restore(o, lse)
         outs.append(o.transpose(0, 1))
         lses.append(lse.t())
-        weights.append(w)
+        weights.append(w.reshape(o.shape[:-1] + (s.S,)))
     dtype = torch.float64 if upcast else query.dtype
     lse_dt = torch.float64 if upcast or query.dtype == torch.float64 else torch.float32
     out = torch.cat(outs) if outs else query.new_zeros(0, Hq, Ev, dtype=dtype)

@@ -2,7 +2,8 @@
 
 From the saved lse, each (query block, key block) tile recomputes P = exp(S - lse) and adds its
 share of dV = P^T dO, dS = P * (dO V^T - delta), dQ = dS K * scale, dK = dS^T Q * scale, where
-delta = rowsum(dO * O) - dlse. Memory beyond inputs, outputs and gradients is the score tiles
+delta = rowsum(dO * O) - dlse. With dropout (keep mask Z / (1 - p), regenerated from the saved
+draw), dV = (P * Z)^T dO and dS = P * (Z * dO V^T - delta). Memory beyond inputs, outputs and gradients is the score tiles
 (B * Hq * block_m * block_n) and O(L) row statistics: never an (L, S) matrix, except dmask itself
 when a float mask asks for its gradient (then of the mask's own, broadcast, shape).
 """
@@ -13,7 +14,7 @@ import math
 
 import torch
 
-from .. import configs
+from .. import configs, dropout
 from ..problem import Problem
 from .scores import grouped_alibi, grouped_mask, score_mods_, visible_keys, visible_rows
 
@@ -35,6 +36,11 @@ def _scores(p: Problem, qb, kb, mask5, alibi5, m0: int, m1: int, n0: int, n1: in
         return s
     grad = out[1]
     return s, None if grad is None else grad.view(s.shape)
+
+
+def _keep(p: Problem, m0: int, m1: int, n0: int, n1: int) -> torch.Tensor:
+    """The dropout keep mask (B, Hkv, G, m1 - m0, n1 - n0) of a whole-batch tile."""
+    return dropout.grouped_keep(p, slice(0, p.batch), slice(0, p.heads_kv), m0, m1, n0, n1)
 
 
 def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: int):
@@ -64,6 +70,8 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: 
             alpha = (m_i - m_safe).exp_()
             s.sub_(m_safe[..., None]).exp_()
             l_i = l_i.mul_(alpha).add_(s.sum(dim=-1))
+            if p.rng is not None:  # delta = rowsum(dO * O) of the dropped output O
+                s.view(B, Hkv, G, m1 - m0, n1 - n0).mul_(_keep(p, m0, m1, n0, n1))
             acc.mul_(alpha[..., None]).add_(torch.matmul(s, v[:, :, n0:n1]))
             m_i = m_new
         dead = l_i == 0
@@ -71,6 +79,8 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: 
         dob = do5[:, :, :, m0:m1].reshape(B, Hkv, rows, Ev)
         row_max[:, :, :, m0:m1] = m_i.masked_fill(dead, math.inf).view(B, Hkv, G, m1 - m0)
         inv_sum[:, :, :, m0:m1] = inv.view(B, Hkv, G, m1 - m0)
+        if p.rng is not None:
+            inv = inv * dropout.rescale(p.features.dropout_p)
         delta[:, :, :, m0:m1] = ((dob * acc).sum(-1) * inv).view(B, Hkv, G, m1 - m0)
     return row_max, inv_sum, delta
 
@@ -139,8 +149,18 @@ def tiled_attention_backward(
             s, cap_grad = _scores(p, qb, kb, mask5, alibi5, m0, m1, n0, n1, softcap_grad=True)
             prob = s.sub_(row_max[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).exp_()
             prob.mul_(inv_sum[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1))
-            dv_acc.add_(torch.matmul(prob.transpose(-1, -2), dob))
             ds = torch.matmul(dob, vb.transpose(-1, -2))
+            if p.rng is not None:  # P_d = P * Z, Z = keep / (1 - p): dV = P_d^T dO, dP = Z * dO V^T
+                z = (
+                    _keep(p, m0, m1, n0, n1)
+                    .reshape(prob.shape)
+                    .to(prob.dtype)
+                    .mul_(dropout.rescale(p.features.dropout_p))
+                )
+                dv_acc.add_(torch.matmul((prob * z).transpose(-1, -2), dob))
+                ds.mul_(z)
+            else:
+                dv_acc.add_(torch.matmul(prob.transpose(-1, -2), dob))
             ds.sub_(delta5[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1)).mul_(prob)
             if dmask is not None:  # the mask is added after the softcap: its gradient is dS itself
                 ds_h = ds.view(B, Hq, bm, bn)

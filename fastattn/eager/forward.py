@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .. import configs
+from .. import configs, dropout
 from ..problem import Problem, lse_dtype
 from .scores import LN2, LOG2E, grouped_alibi, grouped_mask, score_mods_, visible_keys
 
@@ -53,6 +53,8 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
         reasons.append("a softcap")
     if p.alibi is not None:
         reasons.append("ALiBi slopes")
+    if p.rng is not None:
+        reasons.append("dropout (SDPA's kernel draws its own masks, not fastattn's counter-based ones)")
     if p.mask is not None and p.mask.dtype not in (torch.bool, p.dtype):
         # The kernel takes masks of the query's dtype; a conversion could round a float32
         # finfo.min to -inf in float16, where the tiled path keeps the mask's own values.
@@ -140,7 +142,9 @@ def tiled_attention(
     because exp2 is about twice as fast as exp on CPU; with a float mask in natural units (each
     difference to the row max times log2(e) before its exp2), so that a finite mask value near
     -finfo.max stays a finite score. The block sizes default to
-    ``fastattn.configs.CPU_FORWARD_TILES``.
+    ``fastattn.configs.CPU_FORWARD_TILES``. Dropout (p.rng) zeroes the dropped exponentials of
+    each tile after they join the row sum (lse is that of the undropped scores) and rescales the
+    output by 1 / (1 - p) at the end.
     """
     tiles = configs.CPU_FORWARD_TILES
     block_m, block_n = block_m or tiles.block_m, block_n or tiles.block_n
@@ -203,10 +207,14 @@ def tiled_attention(
                 s.exp2_()
                 alpha.exp2_()
                 l_i.mul_(alpha).add_(s.sum(dim=-1))
+                if p.rng is not None:
+                    s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1))
                 acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev))
                 m_i = m_new
             dead = l_i == 0
             acc.div_(l_i.masked_fill_(dead, 1.0).unsqueeze(-1))
+            if p.rng is not None:
+                acc.mul_(dropout.rescale(p.features.dropout_p))
             out[bs, hs, :, m0:m1] = acc.view(nb, nh, G, bm, Ev)
             if log2_units:
                 lse_b = m_i.add_(l_i.log2_()).mul_(LN2)

@@ -46,7 +46,7 @@ KERNELS = {
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int32: "i32", torch.uint8: "u8"}  # fmt: skip
+                 torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
 # Row strides of the inputs and outputs: a multiple of 16 bytes in the common case.
 ROW_STRIDES = frozenset({"stride_qm", "stride_kn", "stride_vn", "stride_om", "stride_dom", "stride_dkn", "stride_dvn", "stride_dqm"})  # fmt: skip
 

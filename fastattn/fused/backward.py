@@ -50,7 +50,7 @@ def plan_backward(
     has_dlse = dlse is not None
     dlse = dlse.to(acc_dtype).contiguous() if has_dlse else delta
     mask_kind, mask = pl.mask_operand(p)
-    alibi = pl.alibi_operand(p)
+    alibi, rng = pl.alibi_operand(p), pl.rng_operand(p)
     if mask_kind == 2 and stats is None:  # the AOT tool plans without a forward
         from .forward import new_stats
 
@@ -92,11 +92,14 @@ def plan_backward(
         kv_ct, kv_ix = (pl.chunk(t, bs) for t in kv_lists)
         q_ct, q_ix = (pl.chunk(t, bs) for t in q_lists)
         st = stats[:, bs] if mask_kind == 2 else stats
-        inputs = dict(Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Stats=st, Delta=delta[bs], Mask=mk, Alibi=al)
+        inputs = dict(
+            Q=q[bs], K=k[bs], V=v[bs], DO=dout[bs], Lse=lse[bs], Stats=st, Delta=delta[bs], Mask=mk, Alibi=al, Rng=rng
+        )
         input_strides = {
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("do", dout, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
             **pl.strides("a", al, "bh", broadcast=True), "stride_sp": st.stride(0) if mask_kind == 2 else 0,
+            "batch0": pl.batch0(p, bs),
         }  # fmt: skip
         pre_args = dict(
             Delta=delta[bs], Out=out[bs], DOut=dout[bs], DLse=dlse[bs],

@@ -67,7 +67,7 @@ def plan_forward(
     splits = split_count(p, config, target, num_splits)
     q, k, v = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v))
     mask_kind, mask = pl.mask_operand(p)
-    alibi = pl.alibi_operand(p)
+    alibi, rng = pl.alibi_operand(p), pl.rng_operand(p)
     if mask_kind == 2 and stats is None:
         stats = new_stats(p)
     stats = pl.dummy(p) if mask_kind != 2 else stats
@@ -99,7 +99,7 @@ def plan_forward(
         o, lse_out = (out[bs], lse[bs]) if splits == 1 else (part_out[:, bs], part_lse[:, bs])
         o_first = o if splits == 1 else o[0]
         args = dict(
-            Out=o, Lse=lse_out, Stats=stats[:, bs] if mask_kind == 2 else stats, Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al,
+            Out=o, Lse=lse_out, Stats=stats[:, bs] if mask_kind == 2 else stats, Q=q[bs], K=k[bs], V=v[bs], Mask=mk, BlockCount=ct, BlockIndex=ix, Alibi=al, Rng=rng,
             **{n: a for n, a in packing_args.items() if n not in ("stride_tn", "page_size")},
             **pl.strides("q", q, "bhmk"), **pl.strides("k", k, "bhnk"), **pl.strides("v", v, "bhnk"),
             **pl.strides("o", o_first, "bhmk"), **pl.strides("m", mk, "bhmn", broadcast=True),
@@ -108,7 +108,7 @@ def plan_forward(
             stride_os=o.stride(0) if splits > 1 else 0, stride_ls=lse_out.stride(0) if splits > 1 else 0,
             stride_sp=stats.stride(0) if mask_kind == 2 else 0,
             H=Hq, GROUP=p.group, L=L, S=S, E=E, EV=Ev, page_size=packing_args["page_size"], num_splits=splits,
-            **scalars,
+            batch0=pl.batch0(p, bs), **scalars,
         )  # fmt: skip
         grid = (pl.cdiv(rows, config.block_m), Hq, nb * splits)
         launches.append(pl.Launch("forward", "attention_forward_kernel", grid, args, constexprs, config))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import dropout
 from ..configs import TileConfig, padded_head_dim
 from ..features import FEATURES, SCORE_MODIFIERS
 from ..problem import Problem
@@ -140,6 +141,16 @@ def alibi_operand(p: Problem) -> torch.Tensor:
     return dummy(p) if p.alibi is None else p.alibi
 
 
+def rng_operand(p: Problem) -> torch.Tensor:
+    """The Rng pointer's tensor: dropout's int64 (seed, offset) draw, or a dummy without dropout."""
+    return dummy(p) if p.rng is None else p.rng
+
+
+def batch0(p: Problem, batch: slice) -> int:
+    """The dropout counter's index of the first batch of a launch over `batch` (common._mods)."""
+    return p.batch0 + (batch.start or 0)
+
+
 def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object]]:
     """(scalars, constexprs) of the call's features for every kernel with a score step.
 
@@ -148,7 +159,9 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
     this is the one place a feature's launch arguments are spelled out on the host. With a
     softcap c, qk_scale is scale / c (natural units: tanh's argument) and softcap_scale c * log2(e)
     (the capped score in log2 units); without, qk_scale is scale * log2(e). With a float mask the
-    kernels keep natural units: no log2(e) in either."""
+    kernels keep natural units: no log2(e) in either. Dropout: the keep threshold minus 2**31 (an
+    int32: the kernels compare signed) and 1 / (1 - p); its draw is the Rng operand
+    (:func:`rng_operand`) and its batch index the launch's (:func:`batch0`)."""
     f = p.features
     capped = f.softcap > 0.0
     mask_kind, _ = mask_operand(p)
@@ -162,13 +175,16 @@ def feature_launch_args(p: Problem) -> tuple[dict[str, object], dict[str, object
         "window_lo": f.window_lo or 0,
         "softcap_scale": softcap_scale,
         "softcap_scale_lo": softcap_scale_lo,
+        "dropout_threshold": dropout.threshold(f.dropout_p) - 2**31,
     }
+    scalars["dropout_scale"], scalars["dropout_scale_lo"] = split_scale(dropout.rescale(f.dropout_p))
     constexprs = {
         "IS_CAUSAL": f.causal_offset is not None,
         "IS_LOCAL": f.window_lo is not None,
         "MASK_KIND": mask_kind,
         "HAS_SOFTCAP": capped,
         "HAS_ALIBI": p.alibi is not None,
+        "HAS_DROPOUT": p.rng is not None,
     }
     return scalars, constexprs
 

@@ -23,7 +23,9 @@ LARGE_OFFSETS). As in the forward, each kernel visits its blocks through one ste
 blocks (no mask tile, no causal or window check) and one for cut blocks (the kernel's MASK_KIND,
 IS_CAUSAL and IS_LOCAL); blocks outside a window's band are never visited. With a softcap c the
 scores are s = c * tanh(scale * q.k / c), so dS is multiplied by 1 - tanh^2 (the score step
-recomputes it) before the dK and dQ products, whose final factor stays `scale`. Packed calls
+recomputes it) before the dK and dQ products, whose final factor stays `scale`. With dropout the
+keep mask Z / (1 - p) is regenerated from the saved draw (common._dropout_keep, never stored):
+dV = (P * Z)^T dO and dS = P * (Z * dO V^T - delta), delta still rowsum(dO * O) - dlse. Packed calls
 (VARLEN) run the dK/dV and dQ kernels per sequence, as the forward does (common._sequence: grid
 axis 2 is the sequence, sized by max_k / max_q); the preprocess kernel is row-wise and runs on the
 packed rows as they are.
@@ -34,6 +36,8 @@ import triton.language as tl
 
 from .common import (
     _block_start,
+    _dropout_keep,
+    _dropout_scaled,
     _key_block_bounds,
     _key_block_scores,
     _load_rows,
@@ -98,7 +102,7 @@ def _dkdv_query_block(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
-    LOG2_UNITS: tl.constexpr,
+    LOG2_UNITS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """Fold query rows start_m + offs_mb of one query head into dK, dV of the key block at
     positions offs_n (k, v: its tiles; M_cols: the mask at key offs_n[0]).
@@ -110,6 +114,8 @@ def _dkdv_query_block(
     - key-major: qk^T = k q^T, keys along rows, so nothing is transposed but K and V are first
       operands, held in registers (some float32 configs compile smaller this way).
     Query rows past L have P = 0 (lse read as +inf); key rows past S are never stored.
+    HAS_DROPOUT: with Z = keep / (1 - p) (common._dropout_keep), dV takes (P * Z)^T dO and dS
+    = P * (Z * dO V^T - delta).
     offs_n and offs_mb come from the caller: ranges built inside the loop stay there and changed the
     register allocation (forward._attend_kv_block).
     """
@@ -132,8 +138,15 @@ def _dkdv_query_block(
                                      HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                      KEY_MAJOR=True, LOG2_UNITS=LOG2_UNITS)
         pT = _probs(qkT, m_row[None, :], logl[None, :], LOG2_UNITS=LOG2_UNITS)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
+        if HAS_DROPOUT:
+            keepT = _dropout_keep(rows, offs_n, mods, KEY_MAJOR=True)
+            dv = tl.dot(tl.where(keepT, _dropout_scaled(pT, mods), 0.0).to(do.dtype), do, dv,
+                        input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dpT = tl.where(keepT, _dropout_scaled(dpT, mods), 0.0)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             dsT = dsT * cap_gradT
@@ -146,8 +159,15 @@ def _dkdv_query_block(
                                    HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                                    KEY_MAJOR=False, LOG2_UNITS=LOG2_UNITS)
         p = _probs(qk, m_row[:, None], logl[:, None], LOG2_UNITS=LOG2_UNITS)
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(rows, offs_n, mods, KEY_MAJOR=False)
+            dv = tl.dot(tl.trans(tl.where(keep, _dropout_scaled(p, mods), 0.0).to(do.dtype)), do, dv,
+                        input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
+        else:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=INPUT_PRECISION, out_dtype=dv.dtype)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(keep, _dropout_scaled(dp, mods), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * cap_grad
@@ -205,7 +225,7 @@ def _query_block_bounds(
 
 @triton.jit
 def attention_backward_dkdv_kernel(
-    DK, DV, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
+    DK, DV, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, Rng, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -218,11 +238,12 @@ def attention_backward_dkdv_kernel(
     stride_ab, stride_ah, stride_sp,
     H, GROUP, L, S, E, EV,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
-    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32, batch0, dropout_threshold,
+    dropout_scale: tl.float32, dropout_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, KEY_MAJOR: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -301,8 +322,9 @@ def attention_backward_dkdv_kernel(
         full_lo, full_end, cut_lo, cut_span, gap_at, gap = _query_block_bounds(
             Counts, n0, L, causal_offset, window_lo,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
-        mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
-                     HAS_ALIBI=HAS_ALIBI)
+        mods = _mods(Alibi, Rng, seq, h, H, batch0, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale,
+                     softcap_scale_lo, dropout_threshold, dropout_scale, dropout_scale_lo, HAS_ALIBI=HAS_ALIBI,
+                 HAS_DROPOUT=HAS_DROPOUT)
         for phase in tl.static_range(2):
             if phase == FULL_PHASE:
                 for j in range(full_lo, full_end, STEP):
@@ -316,7 +338,7 @@ def attention_backward_dkdv_kernel(
                         MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP,
                         HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
                         LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR,
-                        LOG2_UNITS=LOG2_UNITS)
+                        LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
             elif HAS_CUT_BLOCKS:
                 for j in range(cut_lo, cut_lo + cut_span, STEP):
                     dk, dv = _dkdv_query_block(
@@ -329,7 +351,7 @@ def attention_backward_dkdv_kernel(
                         MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL, HAS_SOFTCAP=HAS_SOFTCAP,
                         HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N, CHECK_E=CHECK_E, CHECK_EV=CHECK_EV,
                         LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION, KEY_MAJOR=KEY_MAJOR,
-                        LOG2_UNITS=LOG2_UNITS)
+                        LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
 
     dk = _scaled(dk, scale, scale_lo)
     dk_ptrs = DK + b * stride_dkb + kvh * stride_dkh + n0_64 * stride_dkn
@@ -349,6 +371,7 @@ def _dq_key_block(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, LOG2_UNITS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     """Fold key positions start_n + offs_n into dQ of query rows offs_m (q, do, m_row, logl, delta: their
     tiles and rows). K_head / V_head: the KV head at position 0; M_rows: the mask at query row
@@ -367,6 +390,8 @@ def _dq_key_block(
     p = _probs(qk, m_row[:, None], logl[:, None], LOG2_UNITS=LOG2_UNITS)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:  # dP = Z * dO V^T (_dkdv_query_block)
+        dp = tl.where(_dropout_keep(offs_m, cols, mods, KEY_MAJOR=False), _dropout_scaled(dp, mods), 0.0)
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * cap_grad
@@ -376,7 +401,7 @@ def _dq_key_block(
 
 @triton.jit
 def attention_backward_dq_kernel(
-    DQ, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK,
+    DQ, Q, K, V, DO, Lse, Stats, Delta, Mask, BlockCount, BlockIndex, Alibi, Rng, CuSeqQ, CuSeqK,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -388,11 +413,12 @@ def attention_backward_dq_kernel(
     stride_ab, stride_ah, stride_sp,
     H, GROUP, L, S, E, EV,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, scale: tl.float32, scale_lo: tl.float32, causal_offset, window_lo,
-    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32, batch0, dropout_threshold,
+    dropout_scale: tl.float32, dropout_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -453,8 +479,9 @@ def attention_backward_dq_kernel(
     full_lo, full_end, cut_lo, cut_span, gap_at, gap = _key_block_bounds(
         Counts, m0, L, S, causal_offset, window_lo,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_CAUSAL=IS_CAUSAL, IS_LOCAL=IS_LOCAL, FROM_LIST=FROM_LIST)
-    mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
-                 HAS_ALIBI=HAS_ALIBI)
+    mods = _mods(Alibi, Rng, seq, h, H, batch0, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale,
+                 softcap_scale_lo, dropout_threshold, dropout_scale, dropout_scale_lo, HAS_ALIBI=HAS_ALIBI,
+                 HAS_DROPOUT=HAS_DROPOUT)
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=acc_ty)
 
@@ -467,7 +494,7 @@ def attention_backward_dq_kernel(
             MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
             CHECK_M=CHECK_M, CHECK_N=False,
             CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-            LOG2_UNITS=LOG2_UNITS)
+            LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             dq = _dq_key_block(
@@ -478,7 +505,7 @@ def attention_backward_dq_kernel(
                 MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                 CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-                LOG2_UNITS=LOG2_UNITS)
+                LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
 
     dq = _scaled(dq, scale, scale_lo)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + m0_64 * stride_dqm

@@ -18,8 +18,14 @@ modifier changes nothing there, as they do for the causal and window checks; val
 (softcap, ALiBi) stay on in every block.
 
 The step's run-time scalars travel as one tuple, `mods` = (causal_offset, window_lo,
-softcap_scale, softcap_scale_lo, alibi_slope), built once per (batch, head) by :func:`_mods`, so the
-per-block helpers pass one name through instead of one argument per feature.
+softcap_scale, softcap_scale_lo, alibi_slope, and dropout's seed, counter words, threshold and
+scale), built once per (batch, head) by :func:`_mods`, so the per-block helpers pass one name
+through instead of one argument per feature.
+
+Dropout is not a score modifier: it acts on the probabilities, after the row sums (lse stays that
+of the undropped scores). :func:`_dropout_keep` is its one definition in Triton, called by the
+forward (on P before P V), the dK/dV kernel (on P before P^T dO, and on dO V^T) and the dQ kernel
+(on dO V^T), in both orientations.
 
 Constexpr flags are named for what they guarantee; each one that is False removes code:
   CHECK_M / CHECK_N    query rows past L / key positions past S may occur in a tile: loads are masked
@@ -36,6 +42,9 @@ Constexpr flags are named for what they guarantee; each one that is False remove
                        softcap_scale = c * log2(e) (split), and the step returns 1 - tanh^2 too.
                        Costs an exp2, a division and 8 FMAs per score (_tanh). False: no code.
   HAS_ALIBI            adds -slope * |i + S - L - j| (slope loaded once per head). False: no code.
+  HAS_DROPOUT          weights are dropped by _dropout_keep's mask and the rest scaled by 1 / (1 - p):
+                       one Philox4x32-10 (10 rounds of 2 wide multiplies and 4 xors) per score,
+                       and in the backward the same again. False: no code.
   FROM_LIST            the blocks to visit come from a host-built list (masked kernels), not ranges.
   HAS_GAP              (block starts) the cut blocks of a window skip its full ones (ranges only).
   KEY_MAJOR            (dK/dV) score tiles are k q^T, keys along rows, instead of q k^T.
@@ -195,16 +204,58 @@ def _tanh(x):
 
 
 @triton.jit
-def _mods(Alibi, b, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
-          HAS_ALIBI: tl.constexpr):
-    """The score step's scalars for (batch b, query head h): (causal_offset, window_lo,
-    softcap_scale, softcap_scale_lo, alibi_slope), the slope read from Alibi (float32 (B or 1, H),
-    broadcast dims with stride 0) only with HAS_ALIBI."""
+def _mods(Alibi, Rng, b, h, H, batch0, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale,
+          softcap_scale_lo, dropout_threshold, dropout_scale, dropout_scale_lo,
+          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """The per-(batch b, query head h) scalars of the score step and of dropout: (causal_offset,
+    window_lo, softcap_scale, softcap_scale_lo, alibi_slope, seed, head_word, offset_word,
+    dropout_threshold, dropout_scale, dropout_scale_lo). The slope is read from Alibi (float32 (B or 1, H), broadcast
+    dims with stride 0) only with HAS_ALIBI; with HAS_DROPOUT the call's draw from Rng (int64
+    (seed, offset)) and the Philox counter word of the head, (batch0 + b) * H + h (batch0: the
+    launch's first batch), as fastattn.dropout defines them. dropout_threshold is the keep
+    threshold minus 2**31 (_dropout_keep compares signed), dropout_scale + dropout_scale_lo is
+    1 / (1 - p), split as the float64 scale is (_scaled, _dropout_scaled)."""
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * stride_ab + h * stride_ah)
     else:
         slope = 0.0
-    return causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope
+    if HAS_DROPOUT:
+        seed = tl.load(Rng)
+        offset_word = tl.load(Rng + 1).to(tl.int32)  # the low 32 bits
+        head_word = ((b + batch0) * H + h).to(tl.int32)
+    else:
+        seed = 0
+        offset_word = 0
+        head_word = 0
+    return (causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope,
+            seed, head_word, offset_word, dropout_threshold, dropout_scale, dropout_scale_lo)
+
+
+@triton.jit
+def _dropout_scaled(x, mods):
+    """x * 1 / (1 - p), from mods' split dropout scale (full precision for float64 x)."""
+    return _scaled(x, mods[9], mods[10])
+
+
+@triton.jit
+def _dropout_keep(q_idx, k_idx, mods, KEY_MAJOR: tl.constexpr):
+    """Which weights of the tile of query positions q_idx and key positions k_idx (1-D; KEY_MAJOR:
+    keys along rows) survive dropout: fastattn.dropout's function, bit for bit. Philox4x32-10 of
+    the counter (j >> 2, i, head_word, offset_word) under the seed, word j & 3, kept when at or
+    above the threshold (compared as signed: the sign bit flipped on both sides). Each element
+    runs the Philox call its group of four keys shares and picks its word: no data moves between
+    lanes, and the early rounds run on the broadcast row and column vectors."""
+    if KEY_MAJOR:
+        k_pos = k_idx[:, None]
+        q_pos = q_idx[None, :]
+    else:
+        k_pos = k_idx[None, :]
+        q_pos = q_idx[:, None]
+    _, _, _, _, _, seed, head_word, offset_word, dropout_threshold, _, _ = mods
+    r0, r1, r2, r3 = tl.philox(seed, k_pos >> 2, q_pos, head_word, offset_word)
+    word = k_pos & 3
+    r = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return (r.to(tl.int32, bitcast=True) ^ -2147483648) >= dropout_threshold
 
 
 @triton.jit
@@ -235,7 +286,7 @@ def _score_step(
     else:
         k_pos = k_idx[None, :]
         q_pos = q_idx[:, None]
-    causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope = mods
+    causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope, _, _, _, _, _, _ = mods
     if HAS_SOFTCAP:
         t = _tanh(s)
         cap_grad = 1.0 - t * t

@@ -20,6 +20,8 @@ import triton.language as tl
 from .common import (
     LN2,
     _block_start,
+    _dropout_keep,
+    _dropout_scaled,
     _exp_diff,
     _key_block_bounds,
     _key_block_scores,
@@ -41,6 +43,7 @@ def _attend_kv_block(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr, PAGED: tl.constexpr, LOG2_UNITS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     """One step of the online softmax: fold key/value positions start_n + offs_n into the
     accumulator acc and the running sum l_i and max m_i of query rows offs_m (q: their tile).
@@ -48,7 +51,8 @@ def _attend_kv_block(
     offs_n comes from the caller while the head-dim ranges are rebuilt here: those merge with the
     kernel's own, but a range of BLOCK_N built inside the loop stays there and changed the
     register allocation of the compiled kernels. PAGED: K_head / V_head are the page pool's head
-    and Pages the sequence's block-table row (common._kv_rows)."""
+    and Pages the sequence's block-table row (common._kv_rows). HAS_DROPOUT: the dropped
+    probabilities leave P V after they joined the row sum (lse is that of the undropped scores)."""
     offs_dk = tl.arange(0, q.shape[1])
     offs_dv = tl.arange(0, acc.shape[1])
     cols = start_n + offs_n
@@ -65,6 +69,8 @@ def _attend_kv_block(
     alpha = _exp_diff(m_i, m_safe, LOG2_UNITS=LOG2_UNITS)
     p = _exp_diff(qk, m_safe[:, None], LOG2_UNITS=LOG2_UNITS)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        p = tl.where(_dropout_keep(offs_m, cols, mods, KEY_MAJOR=False), p, 0.0)
     v = _load_tile(V_head + rows_kv * stride_vn + offs_dv[None, :] * stride_vk, cols, S, offs_dv, EV, CHECK_N, CHECK_EV)
     acc = acc * alpha[:, None]
     # out_dtype: triton 3.6 defaults it to float32 and refuses a float64 accumulator; 3.9 takes acc's.
@@ -74,7 +80,7 @@ def _attend_kv_block(
 
 @triton.jit
 def attention_forward_kernel(
-    Out, Lse, Stats, Q, K, V, Mask, BlockCount, BlockIndex, Alibi, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
+    Out, Lse, Stats, Q, K, V, Mask, BlockCount, BlockIndex, Alibi, Rng, CuSeqQ, CuSeqK, SeqUsedK, BlockTable,
     stride_qb, stride_qh, stride_qm, stride_qk,
     stride_kb, stride_kh, stride_kn, stride_kk,
     stride_vb, stride_vh, stride_vn, stride_vk,
@@ -86,11 +92,12 @@ def attention_forward_kernel(
     stride_tn, stride_os, stride_ls, stride_sp,
     H, GROUP, L, S, E, EV, page_size, num_splits,
     qk_scale: tl.float32, qk_scale_lo: tl.float32, causal_offset, window_lo,
-    softcap_scale: tl.float32, softcap_scale_lo: tl.float32,
+    softcap_scale: tl.float32, softcap_scale_lo: tl.float32, batch0, dropout_threshold,
+    dropout_scale: tl.float32, dropout_scale_lo: tl.float32,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, IS_LOCAL: tl.constexpr, MASK_KIND: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, CHECK_E: tl.constexpr, CHECK_EV: tl.constexpr,
     LARGE_OFFSETS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     VARLEN: tl.constexpr, HAS_CU_K: tl.constexpr, HAS_SEQUSED: tl.constexpr, PAGED: tl.constexpr,
@@ -103,7 +110,9 @@ def attention_forward_kernel(
     (+ qk_scale_lo, its float32 remainder, used by float64 inputs only; with HAS_SOFTCAP it is
     scale / softcap and softcap_scale = softcap * log2(e)). Causal: key j is visible to query i
     when j <= i + causal_offset; local (a sliding window): when j >= i + window_lo. ALiBi: Alibi
-    holds float32 slopes (B or 1, H), stride 0 on a broadcast dim.
+    holds float32 slopes (B or 1, H), stride 0 on a broadcast dim. Dropout (HAS_DROPOUT): Rng
+    holds the call's int64 (seed, offset), batch0 is the launch's first batch (common._mods), and
+    out is the kept weights' sum times dropout_scale = 1 / (1 - p).
     Without a mask, key blocks are visited as ranges: full blocks first, then the blocks that the
     diagonal or the end of S cut. With a mask (MASK_KIND 1 bool, 2 float; broadcast dims have
     stride 0), the host lists per (b, h, query block) the key blocks to visit: BlockCount[..., 0]
@@ -173,8 +182,9 @@ def attention_forward_kernel(
         full_lo, full_end, cut_lo, cut_span, gap_at, gap = _split_bounds(
             full_lo, full_end, cut_lo, cut_span, gap_at, gap, split, num_splits, S,
             BLOCK_N=BLOCK_N, HAS_GAP=IS_LOCAL)
-    mods = _mods(Alibi, seq, h, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale, softcap_scale_lo,
-                 HAS_ALIBI=HAS_ALIBI)
+    mods = _mods(Alibi, Rng, seq, h, H, batch0, stride_ab, stride_ah, causal_offset, window_lo, softcap_scale,
+                 softcap_scale_lo, dropout_threshold, dropout_scale, dropout_scale_lo, HAS_ALIBI=HAS_ALIBI,
+                 HAS_DROPOUT=HAS_DROPOUT)
 
     acc_ty: tl.constexpr = tl.float64 if Q.dtype.element_ty == tl.float64 else tl.float32
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=acc_ty)
@@ -189,7 +199,7 @@ def attention_forward_kernel(
             MASK_KIND=0, APPLY_CAUSAL=False, APPLY_WINDOW=False, HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI,
             CHECK_M=CHECK_M, CHECK_N=False,
             CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-            PAGED=PAGED, LOG2_UNITS=LOG2_UNITS)
+            PAGED=PAGED, LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
     if HAS_CUT_BLOCKS:
         for j in range(cut_lo, cut_lo + cut_span, STEP):
             acc, l_i, m_i = _attend_kv_block(
@@ -200,11 +210,13 @@ def attention_forward_kernel(
                 MASK_KIND=MASK_KIND, APPLY_CAUSAL=IS_CAUSAL, APPLY_WINDOW=IS_LOCAL,
                 HAS_SOFTCAP=HAS_SOFTCAP, HAS_ALIBI=HAS_ALIBI, CHECK_M=CHECK_M, CHECK_N=CHECK_N,
                 CHECK_E=CHECK_E, CHECK_EV=CHECK_EV, LARGE_OFFSETS=LARGE_OFFSETS, INPUT_PRECISION=INPUT_PRECISION,
-                PAGED=PAGED, LOG2_UNITS=LOG2_UNITS)
+                PAGED=PAGED, LOG2_UNITS=LOG2_UNITS, HAS_DROPOUT=HAS_DROPOUT)
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = _dropout_scaled(out, mods)
     if LOG2_UNITS:
         lse = tl.where(dead, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     else:
