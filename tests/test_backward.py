@@ -165,12 +165,13 @@ def test_opcheck_both_ops():
     k, v = torch.randn(2, 2, 13, 16), torch.randn(2, 2, 13, 8)
     mask = torch.randn(2, 1, 9, 13)
     alibi = torch.rand(1, 4)
-    ints, floats = Features(0.25, causal_offset=0, window_lo=-3, softcap=5.0).pack()
+    ints, floats = Features(0.25, causal_offset=0, window_lo=-3, softcap=5.0, dropout_p=0.3).pack()
+    rng = torch.tensor([123456789012345, 987654321])  # dropout's (seed, offset) draw
     dense = (None, None, None, None)  # no packing
-    args = (q, k, v, mask, alibi, *dense, ints, floats, [], "cpu")
+    args = (q, k, v, mask, alibi, rng, *dense, ints, floats, [], "cpu")
     torch.library.opcheck(attention_forward, args)
     out, lse, stats = attention_forward(*args)
-    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, stats, mask, alibi, None, None, ints, floats,
+    bargs = (torch.randn_like(out), torch.randn_like(lse), q, k, v, out, lse, stats, mask, alibi, rng, None, None, ints, floats,
              [], "cpu", True)  # fmt: skip
     torch.library.opcheck(attention_backward, bargs)
 

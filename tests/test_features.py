@@ -53,22 +53,23 @@ def test_mask_gradient_is_a_stated_backward_reason():
 
 
 def test_unimplemented_feature_is_refused_by_declaration(monkeypatch):
+    """A feature whose declaration names no backend is refused with FeatureNotImplemented (dropout
+    stands in here, declared unserved); declaring a backend for it is what makes it served."""
     q = torch.randn(1, 2, 5, 8)
     p = canonicalize(q, q, q, dropout_p=0.1)
+    unserved = dataclasses.replace(FEATURES["dropout"], forward=frozenset(), backward=frozenset())
+    monkeypatch.setitem(FEATURES, "dropout", unserved)
+    monkeypatch.setattr(dispatch, "_CHOSEN", {})  # answers cached under the real declaration
     with pytest.raises(dispatch.FeatureNotImplemented, match="dropout") as info:
         dispatch.choose_backend("auto", p)
     assert isinstance(info.value, NotImplementedError) and isinstance(info.value, ValueError)
     assert any("dropout" in r for r in dispatch.unsupported_reasons("cpu", p))
-    # Declaring a backend for it is what makes it served (the declaration is what dispatch reads).
-    served = dataclasses.replace(FEATURES["dropout"], forward=frozenset({"cpu"}))
-    monkeypatch.setitem(FEATURES, "dropout", served)
-    assert dispatch.choose_backend("auto", p).name == "cpu"
-
-
-def test_reference_refuses_what_it_does_not_implement():
-    q = torch.randn(1, 2, 5, 8)
     with pytest.raises(NotImplementedError, match="dropout"):
         fastattn.reference.attention(q, q, q, dropout_p=0.5)
+    served = dataclasses.replace(FEATURES["dropout"], forward=frozenset({"cpu"}))
+    monkeypatch.setitem(FEATURES, "dropout", served)
+    dispatch._CHOSEN.clear()
+    assert dispatch.choose_backend("auto", p).name == "cpu"
 
 
 @pytest.mark.parametrize("kind", ["forward", "backward"])

@@ -448,12 +448,12 @@ def test_opcheck_packed_forward_and_backward():
 
     q, k, v, cq, ck, mq, mk = packed([3, 0, 5], [4, 2, 6])
     p = canonicalize_varlen(q, k, v, cq, ck, mq, mk, enable_gqa=True, window_size=(2, 0), softcap=2.0,
-                            alibi_slopes=torch.rand(3, 4, device=DEVICE))  # fmt: skip
+                            alibi_slopes=torch.rand(3, 4, device=DEVICE), dropout_p=0.2)  # fmt: skip
     ints, floats = p.features.pack()
-    args = (p.q, p.k, p.v, None, p.alibi, *p.packing.tensors(), ints, floats, p.packing.sizes(), "cpu")
+    args = (p.q, p.k, p.v, None, p.alibi, p.rng, *p.packing.tensors(), ints, floats, p.packing.sizes(), "cpu")
     torch.library.opcheck(attention_forward, args)
     out, lse, stats = attention_forward(*args)
-    bargs = (torch.randn_like(out), None, p.q, p.k, p.v, out, lse, stats, None, p.alibi, cq, ck, ints, floats,
+    bargs = (torch.randn_like(out), None, p.q, p.k, p.v, out, lse, stats, None, p.alibi, p.rng, cq, ck, ints, floats,
              p.packing.sizes(), "cpu", False)  # fmt: skip
     torch.library.opcheck(attention_backward, bargs)
 

@@ -56,7 +56,7 @@ class Variant:
     """A kind of problem the kernels specialise for: causal (top-left), ragged (L, S not block
     multiples), padded (E, Ev not powers of two), mask ("bool" / "float", shape (1, 1, L, S)),
     large (a key stride so large that offsets need 64 bits: LARGE_OFFSETS), window (a sliding
-    window's (left, right)), softcap (Gemma 2's 50.0), alibi ((Hq,) slopes)."""
+    window's (left, right)), softcap (Gemma 2's 50.0), alibi ((Hq,) slopes), dropout (dropout_p)."""
 
     causal: bool = False
     ragged: bool = False
@@ -70,6 +70,7 @@ class Variant:
     paged: bool = False
     splits: int = 1
     decode: bool = False
+    dropout: float = 0.0
 
 
 VARIANTS = {
@@ -93,6 +94,11 @@ VARIANTS = {
     "split-decode": Variant(packed=True, window=(-1, 0), splits=4),
     "dense-split-decode": Variant(decode=True, window=(-1, 0), splits=4),
     "paged-split-decode": Variant(packed=True, paged=True, window=(-1, 0), splits=4),
+    "dropout": Variant(dropout=0.1),
+    "dropout-causal-ragged": Variant(causal=True, ragged=True, dropout=0.1),
+    "dropout-bool-mask": Variant(mask="bool", dropout=0.1),
+    "dropout-softcap-alibi-window": Variant(window=(255, 0), softcap=50.0, alibi=True, dropout=0.1),
+    "varlen-dropout": Variant(packed=True, window=(-1, 0), dropout=0.1),
 }
 # Variants of forward-only calls (KV caches are inference only); the combine kernel runs after split ones.
 FORWARD_ONLY_VARIANTS = frozenset(name for name, v in VARIANTS.items() if v.paged or v.splits > 1)
@@ -122,8 +128,9 @@ def variant_problem(variant: str, dtype: torch.dtype, head_dim: int, head_dim_v:
         mask = torch.empty(1, 1, L, S, device="meta", dtype=torch.bool if v.mask == "bool" else dtype)
     alibi = torch.empty(2, device="meta", dtype=torch.float32) if v.alibi else None
     return canonicalize(
-        q, k, v_, attn_mask=mask, is_causal=v.causal, window_size=v.window, softcap=v.softcap, alibi_slopes=alibi
-    )
+        q, k, v_, attn_mask=mask, is_causal=v.causal, window_size=v.window, softcap=v.softcap, alibi_slopes=alibi,
+        dropout_p=v.dropout,
+    )  # fmt: skip
 
 
 def _packed_variant_problem(v: Variant, dtype: torch.dtype, head_dim: int, head_dim_v: int):
@@ -149,7 +156,7 @@ def _packed_variant_problem(v: Variant, dtype: torch.dtype, head_dim: int, head_
     alibi = torch.empty(Hq, device="meta", dtype=torch.float32) if v.alibi else None
     return canonicalize_varlen(
         q, k, v_, torch.empty(N + 1, **index), cu_k, L, S, window_size=v.window, enable_gqa=True,
-        softcap=v.softcap, alibi_slopes=alibi, num_splits=v.splits, **extra,
+        softcap=v.softcap, alibi_slopes=alibi, num_splits=v.splits, dropout_p=v.dropout, **extra,
     )  # fmt: skip
 
 
