@@ -4,19 +4,20 @@
 Triton kernel, on CPU from a PyTorch fallback with O(L) extra memory. ``fastattn.varlen_attention`` is
 the same for packed variable-length batches and KV-cache decoding (contiguous or paged), with the
 arguments of torch's ``varlen_attn``. ``fastattn.reference`` holds the textbook formula every
-path is tested against.
+path is tested against; ``fastattn.dropout`` the counter-based dropout mask every backend draws.
 """
 
-from . import reference
+from . import dropout, reference
 from .dispatch import BACKENDS, BackendUnavailable, unsupported_reasons
 from .interface import attention, varlen_attention
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "attention",
     "varlen_attention",
     "reference",
+    "dropout",
     "BACKENDS",
     "BackendUnavailable",
     "unsupported_reasons",

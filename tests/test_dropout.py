@@ -106,10 +106,11 @@ def test_keep_is_a_function_of_its_counter_not_of_the_tile():
     fours never depends on where a tile starts."""
     rng = dropout.draw(torch.device("cpu"), gen(3))
     whole = dropout.keep_mask(rng, 0.5, 2, 3, 19, 45)
-    heads = (torch.arange(2)[:, None] * 3 + torch.arange(3))[:, :, None, None]
+    heads = torch.arange(2)[:, None] * 3 + torch.arange(3)
     for m0, m1, n0, n1 in [(0, 19, 0, 45), (3, 11, 5, 6), (7, 8, 1, 44), (18, 19, 43, 45), (0, 4, 4, 8)]:
-        tile = dropout.keep(rng, 0.5, heads, torch.arange(m0, m1)[:, None], n0, n1)
-        assert torch.equal(tile, whole[:, :, m0:m1, n0:n1])
+        for fast in (False, True):  # the PyTorch ops and the compiled loop
+            tile = dropout.keep(rng, 0.5, heads, m0, m1, n0, n1, fast=fast)
+            assert torch.equal(tile, whole[:, :, m0:m1, n0:n1]), (m0, m1, n0, n1, fast)
 
 
 # ---------------------------------------------------------------------------------------------

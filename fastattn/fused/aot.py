@@ -99,6 +99,7 @@ VARIANTS = {
     "dropout-bool-mask": Variant(mask="bool", dropout=0.1),
     "dropout-softcap-alibi-window": Variant(window=(255, 0), softcap=50.0, alibi=True, dropout=0.1),
     "varlen-dropout": Variant(packed=True, window=(-1, 0), dropout=0.1),
+    "dropout-split-decode": Variant(decode=True, window=(-1, 0), splits=4, dropout=0.1),
 }
 # Variants of forward-only calls (KV caches are inference only); the combine kernel runs after split ones.
 FORWARD_ONLY_VARIANTS = frozenset(name for name, v in VARIANTS.items() if v.paged or v.splits > 1)

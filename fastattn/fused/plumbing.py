@@ -221,8 +221,11 @@ def program_batches(p: Problem) -> int:
 
 
 def modified_scores(p: Problem) -> bool:
-    """Does `p` use a score modifier (features.SCORE_MODIFIERS: a window's lower edge, a softcap, ALiBi)?"""
-    return any(FEATURES[name].used(p) for name in SCORE_MODIFIERS)
+    """Does `p` do work on every score beyond the causal check: a score modifier
+    (features.SCORE_MODIFIERS: a window's lower edge, a softcap, ALiBi) or dropout (a Philox call
+    per score, whose registers the wide tiles do not have: they spilled in fused.aot's dropout
+    variants)? Such calls take the configs' narrower tiles."""
+    return p.rng is not None or any(FEATURES[name].used(p) for name in SCORE_MODIFIERS)
 
 
 def masked_tiles(p: Problem) -> bool:
