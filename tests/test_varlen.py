@@ -101,7 +101,7 @@ def test_signature_matches_torch_varlen_attn():
     assert [p.name for p in theirs] == [p.name for p in ours[: len(theirs)]]
     for a, b in zip(theirs, ours):
         assert (a.kind, a.default) == (b.kind, b.default), a.name
-    assert [p.name for p in ours[len(theirs) :]] == ["softcap", "alibi_slopes", "backend"]
+    assert [p.name for p in ours[len(theirs) :]] == ["softcap", "alibi_slopes", "dropout_p", "generator", "backend"]
 
 
 BACKEND_DTYPES = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cpu", torch.float16), ("cpu", torch.float64)]
