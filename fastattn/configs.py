@@ -141,6 +141,19 @@ _BACKWARD_MODIFIED_DKDV = {
     (False, False, 64): (16, 16, 4, 2, True),
 }
 
+# Where the dK/dV tile (the table's, or the modified one) spills once dropout is on (a Philox
+# call per score, in both the dV and the dP products), the tile dropout calls take instead: the
+# first spill-free in the dropout variants of fused.aot (alone, causal ragged, bool mask, with
+# softcap + ALiBi + window, packed) at E = 64 and 128 with triton 3.9
+# (python -m fastattn.fused.aot --kernels dkdv --variants dropout,... --tile ...;
+# benchmarks/results/aot/dropout_triton-3.9.md).
+_BACKWARD_DROPOUT_DKDV = {
+    (True, False, 64): (16, 16, 4, 3, False),
+    (False, True, 64): (16, 32, 4, 2, False),
+    (False, True, 128): (16, 64, 8, 2, False),
+    (False, False, 64): (16, 32, 2, 2, False),
+}
+
 # The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
 # tests' short sequences, and cost little.
 _INTERPRETER_TILE = TileConfig(32, 32, 4, 1)
@@ -188,17 +201,20 @@ def default_backward_config(
     capability: tuple[int, int] | None,
     masked: bool = False,
     modified: bool = False,
+    dropout: bool = False,
 ) -> BackwardConfig:
-    """The built-in backward choice (the forward's arguments, plus modified: a score modifier is on).
-    Each table entry was searched spill-free in every variant of the mask-and-causal kernels, masked
-    ones included (masked changes nothing); modified takes _BACKWARD_MODIFIED_DKDV's dK/dV tile
-    where there is one."""
+    """The built-in backward choice (the forward's arguments, plus modified: a score modifier or
+    dropout is on; dropout: dropout is). Each table entry was searched spill-free in every variant
+    of the mask-and-causal kernels, masked ones included (masked changes nothing); modified takes
+    _BACKWARD_MODIFIED_DKDV's dK/dV tile where there is one, dropout _BACKWARD_DROPOUT_DKDV's."""
     if capability is None:
         return BackwardConfig(_INTERPRETER_TILE, _INTERPRETER_TILE)
     key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))
     dkdv, dq = _BACKWARD_TABLE[key]
     if modified:
         dkdv = _BACKWARD_MODIFIED_DKDV.get(key, dkdv)
+    if dropout:
+        dkdv = _BACKWARD_DROPOUT_DKDV.get(key, dkdv)
     return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
 
 
@@ -258,10 +274,12 @@ def backward_config(
     capability: tuple[int, int] | None,
     masked: bool = False,
     modified: bool = False,
+    dropout: bool = False,
 ) -> BackwardConfig:
     """The backward tiles the launcher uses (the built-in choice unless replaced); masked: a tensor
-    attn_mask, modified: a score modifier (a replacement function gets `modified` if it declares it)."""
-    return _config("backward", head_dim, head_dim_v, dtype, capability, masked, modified=modified)
+    attn_mask, modified: a score modifier or dropout, dropout: dropout (a replacement function gets
+    `modified` and `dropout` if it declares them)."""
+    return _config("backward", head_dim, head_dim_v, dtype, capability, masked, modified=modified, dropout=dropout)
 
 
 def set_forward_config(fn: Callable[..., TileConfig] | None) -> None:

@@ -60,6 +60,7 @@ FORWARD_VARIANTS = "plain,causal,ragged,causal-ragged,bool-mask,padded-dims,bool
 # The slow runs: every variant but large-offsets (reported by its own test).
 SPILL_FREE_VARIANTS = (
     FORWARD_VARIANTS + ",window,window-ragged,window-bool-mask,softcap-causal,alibi-causal,softcap-alibi-window"
+    + ",dropout,dropout-causal-ragged,dropout-bool-mask,dropout-softcap-alibi-window"
 )
 
 
@@ -110,6 +111,21 @@ def test_varlen_and_decode_variants_compile_spill_free():
         "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
+
+
+DROPOUT_VARIANTS = "dropout-causal-ragged,dropout-softcap-alibi-window,varlen-dropout"
+
+
+def test_dropout_variants_compile_spill_free():
+    """The dropout kernels (a Philox4x32-10 call per score: the forward, dK/dV and dQ), causal and
+    ragged, with softcap + ALiBi + window, packed, on sm_90 (fp16, fp32; head dims 64, 128): no
+    spills, shared memory fits. sm_80 and the other dropout variants: the slow runs and
+    benchmarks/results/aot/dropout_triton-*.md."""
+    rows = _compile(
+        "--kernels", "forward,dkdv,dq", "--archs", "90", "--dtypes", "fp16,fp32", "--head-dims", "64,128",
+        "--variants", DROPOUT_VARIANTS,
+    )  # fmt: skip
+    _check_spill_free(rows)
 
 
 def test_large_offsets_variants_compile():

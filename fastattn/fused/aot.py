@@ -177,8 +177,9 @@ def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch:
         launches = plan_forward(p, out, lse, tile if kernel == "forward" else None, target, num_splits=splits)
         return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
     config = backward_config(
-        head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p)
-    )
+        head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p),
+        dropout=p.rng is not None,
+    )  # fmt: skip
     if tile is not None:
         config = BackwardConfig(tile, config.dq) if kernel == "dkdv" else BackwardConfig(config.dkdv, tile)
     grads = tuple(torch.empty_like(t) for t in (p.q, p.k, p.v))

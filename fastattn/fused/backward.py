@@ -41,6 +41,7 @@ def plan_backward(
             target.capability,
             masked=p.mask is not None,
             modified=pl.modified_scores(p),
+            dropout=p.rng is not None,
         )
     dq, dk, dv = grads
     q, k, v, out, dout = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v, out, dout))
