@@ -87,20 +87,22 @@ def philox(key_lo, key_hi, c0, c1, c2, c3) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def _keep_words(key_lo, key_hi, offset, heads, rows, groups, t):
-    """(H, R, 4 G) bool: Philox of counters (groups, rows, heads, offset) under the key, each word
-    compared with the threshold t, the four words of a group side by side (key 4 g + w)."""
+def _keep_words(key_lo, key_hi, offset, heads, rows, groups, t, dtype):
+    """(H, R, 4 G) in `dtype`: 1 where a weight is kept, 0 where dropped. Philox of the counters
+    (groups, rows, heads, offset) under the key, each word compared with the threshold t, the four
+    words of a group side by side (key 4 g + w). The comparison is the sign of w - t (both below
+    2**32), not a bool op: compiled, bool results made Inductor's loop 3x slower (measured)."""
     words = philox(key_lo, key_hi, groups[None, None, :], rows[None, :, None], heads[:, None, None], offset)
-    return torch.stack([w >= t for w in words], dim=-1).flatten(-2)
+    return torch.stack([(((w - t) >> 63) + 1).to(dtype) for w in words], dim=-1).flatten(-2)
 
 
 _compiled_keep_words = None  # torch.compile of _keep_words, built on first use (False: unavailable)
 
 
 def _fast_keep_words():
-    """_keep_words compiled by torch.compile for CPU tensors (Inductor's C++ loop: measured ~10x
-    faster than the PyTorch ops, bit-identical), or None where compiling fails (no C++ compiler;
-    FASTATTN_COMPILE_DROPOUT=0 turns it off). Compiled once, with dynamic shapes."""
+    """_keep_words compiled by torch.compile for CPU tensors (Inductor's C++ loop: ~1 ns per weight
+    on one core, 10-20x the PyTorch ops, bit-identical), or None where compiling fails (no C++
+    compiler; FASTATTN_COMPILE_DROPOUT=0 turns it off). Compiled once per dtype, dynamic shapes."""
     global _compiled_keep_words
     if _compiled_keep_words is None:
         if os.environ.get("FASTATTN_COMPILE_DROPOUT", "1") == "0":
@@ -108,18 +110,18 @@ def _fast_keep_words():
         else:
             try:
                 fn = torch.compile(_keep_words, dynamic=True)
-                probe = [torch.tensor(v) for v in (1, 2, 3)] + [torch.arange(2)] * 3
-                expected = _keep_words(*probe, 2**31)
-                _compiled_keep_words = fn if torch.equal(fn(*probe, 2**31), expected) else False
+                probe = [torch.tensor(v) for v in (1, 2, 3)] + [torch.arange(3)] * 3 + [2**31, torch.float32]
+                _compiled_keep_words = fn if torch.equal(fn(*probe), _keep_words(*probe)) else False
             except Exception:  # noqa: BLE001 - any failure to compile means: use the PyTorch ops
                 _compiled_keep_words = False
     return _compiled_keep_words or None
 
 
 def keep(rng: torch.Tensor, p: float, heads: torch.Tensor, m0: int, m1: int, n0: int, n1: int,
-         fast: bool = False) -> torch.Tensor:  # fmt: skip
-    """Which weights of query rows [m0, m1) and keys [n0, n1) survive dropout: a bool tensor of
-    shape heads.shape + (m1 - m0, n1 - n0).
+         dtype: torch.dtype = torch.bool, fast: bool = False) -> torch.Tensor:  # fmt: skip
+    """Which weights of query rows [m0, m1) and keys [n0, n1) survive dropout: a tensor of shape
+    heads.shape + (m1 - m0, n1 - n0), True / 1 where kept (dtype: bool, or a float dtype for a
+    multiplier).
 
     rng: the call's (seed, offset) (:func:`draw`); p: dropout_p; heads: int64 counter words
     b * Hq + h, of any shape. fast: on CPU tensors, run the compiled loop (:func:`_fast_keep_words`)
@@ -132,27 +134,28 @@ def keep(rng: torch.Tensor, p: float, heads: torch.Tensor, m0: int, m1: int, n0:
         torch.arange(m0, m1, device=dev), torch.arange(g0, g1, dtype=torch.int64, device=dev),
     )  # fmt: skip
     fn = _fast_keep_words() if fast and dev.type == "cpu" else None
-    kept = (fn or _keep_words)(*args, threshold(p))
+    kept = (fn or _keep_words)(*args, threshold(p), dtype)
     start = n0 - g0 * KEYS_PER_DRAW
     return kept[..., start : start + (n1 - n0)].reshape(*heads.shape, m1 - m0, n1 - n0)
 
 
 def keep_mask(rng: torch.Tensor, p: float, batch: int, heads: int, L: int, S: int, batch0: int = 0) -> torch.Tensor:
-    """The whole (batch, heads, L, S) keep mask of a dense call with this rng and dropout_p (batch0:
-    the index of the first batch); materialised, for tests and inspection."""
+    """The whole (batch, heads, L, S) bool keep mask of a dense call with this rng and dropout_p
+    (batch0: the index of the first batch); materialised, for tests and inspection."""
     dev = rng.device
     bh = (torch.arange(batch, device=dev) + batch0)[:, None] * heads + torch.arange(heads, device=dev)
     return keep(rng, p, bh, 0, L, 0, S)
 
 
 def grouped_keep(
-    p, batches: slice, kv_heads: slice, m0: int, m1: int, n0: int, n1: int, fast: bool = True
+    p, batches: slice, kv_heads: slice, m0: int, m1: int, n0: int, n1: int, dtype: torch.dtype, fast: bool = True
 ) -> torch.Tensor:
     """The keep mask of problem `p`'s tile: batches x KV heads x their G query heads, query rows
-    [m0, m1) x keys [n0, n1), as (nb, nh, G, m1 - m0, n1 - n0) bool, matching the PyTorch paths'
-    grouped score tiles (query head h = kv_head * G + g; batch b counts from p.batch0). fast: as
-    in :func:`keep` (the reference passes False: the oracle runs the PyTorch ops)."""
+    [m0, m1) x keys [n0, n1), as (nb, nh, G, m1 - m0, n1 - n0) in `dtype` (:func:`keep`), matching
+    the PyTorch paths' grouped score tiles (query head h = kv_head * G + g; batch b counts from
+    p.batch0). fast: as in :func:`keep` (the reference passes False: the oracle runs the PyTorch ops)."""
     dev, G = p.device, p.group
     b = torch.arange(batches.start, batches.stop, device=dev) + p.batch0
     h = torch.arange(kv_heads.start * G, kv_heads.stop * G, device=dev).view(-1, G)
-    return keep(p.rng, p.features.dropout_p, b[:, None, None] * p.heads_q + h, m0, m1, n0, n1, fast=fast)
+    heads = b[:, None, None] * p.heads_q + h
+    return keep(p.rng, p.features.dropout_p, heads, m0, m1, n0, n1, dtype=dtype, fast=fast)

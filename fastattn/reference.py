@@ -57,7 +57,9 @@ def problem_attention(p: Problem, dtype: torch.dtype | None = None, return_weigh
         weights = torch.softmax(live, dim=-1).masked_fill(dead, 0.0)
         if p.rng is not None:  # dropout: the kept weights, rescaled; lse stays that of the scores
             f = p.features
-            keep = dropout.grouped_keep(p, slice(0, p.batch), slice(0, p.heads_kv), 0, p.seqlen_q, 0, p.seqlen_k, False)
+            keep = dropout.grouped_keep(
+                p, slice(0, p.batch), slice(0, p.heads_kv), 0, p.seqlen_q, 0, p.seqlen_k, dtype, False
+            )
             weights = weights * keep.reshape(weights.shape) * dropout.rescale(f.dropout_p)
         v = p.v.to(dtype)
         if p.group > 1:

@@ -59,7 +59,8 @@ def _check_spill_free(rows: list[dict]) -> None:
 FORWARD_VARIANTS = "plain,causal,ragged,causal-ragged,bool-mask,padded-dims,bool-mask-ragged,float-mask-causal"
 # The slow runs: every variant but large-offsets (reported by its own test).
 SPILL_FREE_VARIANTS = (
-    FORWARD_VARIANTS + ",window,window-ragged,window-bool-mask,softcap-causal,alibi-causal,softcap-alibi-window"
+    FORWARD_VARIANTS
+    + ",window,window-ragged,window-bool-mask,softcap-causal,alibi-causal,softcap-alibi-window"
     + ",dropout,dropout-causal-ragged,dropout-bool-mask,dropout-softcap-alibi-window"
 )
 

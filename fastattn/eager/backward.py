@@ -38,9 +38,9 @@ def _scores(p: Problem, qb, kb, mask5, alibi5, m0: int, m1: int, n0: int, n1: in
     return s, None if grad is None else grad.view(s.shape)
 
 
-def _keep(p: Problem, m0: int, m1: int, n0: int, n1: int) -> torch.Tensor:
-    """The dropout keep mask (B, Hkv, G, m1 - m0, n1 - n0) of a whole-batch tile."""
-    return dropout.grouped_keep(p, slice(0, p.batch), slice(0, p.heads_kv), m0, m1, n0, n1)
+def _keep(p: Problem, m0: int, m1: int, n0: int, n1: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dropout keep mask (B, Hkv, G, m1 - m0, n1 - n0) of a whole-batch tile, 1 / 0 in `dtype`."""
+    return dropout.grouped_keep(p, slice(0, p.batch), slice(0, p.heads_kv), m0, m1, n0, n1, dtype)
 
 
 def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: int):
@@ -71,7 +71,7 @@ def _row_stats(p: Problem, q5, k, v, do5, mask5, alibi5, block_m: int, block_n: 
             s.sub_(m_safe[..., None]).exp_()
             l_i = l_i.mul_(alpha).add_(s.sum(dim=-1))
             if p.rng is not None:  # delta = rowsum(dO * O) of the dropped output O
-                s.view(B, Hkv, G, m1 - m0, n1 - n0).mul_(_keep(p, m0, m1, n0, n1))
+                s.view(B, Hkv, G, m1 - m0, n1 - n0).mul_(_keep(p, m0, m1, n0, n1, s.dtype))
             acc.mul_(alpha[..., None]).add_(torch.matmul(s, v[:, :, n0:n1]))
             m_i = m_new
         dead = l_i == 0
@@ -151,12 +151,8 @@ def tiled_attention_backward(
             prob.mul_(inv_sum[:, :, :, m0:m1].reshape(B, Hkv, G * bm, 1))
             ds = torch.matmul(dob, vb.transpose(-1, -2))
             if p.rng is not None:  # P_d = P * Z, Z = keep / (1 - p): dV = P_d^T dO, dP = Z * dO V^T
-                z = (
-                    _keep(p, m0, m1, n0, n1)
-                    .reshape(prob.shape)
-                    .to(prob.dtype)
-                    .mul_(dropout.rescale(p.features.dropout_p))
-                )
+                z = _keep(p, m0, m1, n0, n1, prob.dtype).reshape(prob.shape)
+                z.mul_(dropout.rescale(p.features.dropout_p))
                 dv_acc.add_(torch.matmul((prob * z).transpose(-1, -2), dob))
                 ds.mul_(z)
             else:

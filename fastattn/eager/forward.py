@@ -208,7 +208,7 @@ def tiled_attention(
                 alpha.exp2_()
                 l_i.mul_(alpha).add_(s.sum(dim=-1))
                 if p.rng is not None:
-                    s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1))
+                    s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1, s.dtype))
                 acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev))
                 m_i = m_new
             dead = l_i == 0
