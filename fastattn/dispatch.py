@@ -96,13 +96,13 @@ def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=No
 
 
 def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None):
-    from .eager.backward import tiled_attention_backward
+    from .eager.backward import cpu_attention_backward
 
     if p.packing is not None:
         from .eager.packed import packed_attention_backward
 
-        return (*packed_attention_backward(p, out, lse, dout, dlse, tiled_attention_backward), None)
-    return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
+        return (*packed_attention_backward(p, out, lse, dout, dlse, cpu_attention_backward), None)
+    return cpu_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
 
 
 def _run_reference(p: Problem):

@@ -71,6 +71,37 @@ def test_cpu_backward_parity(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", GRAD_CASES, ids=[c.id for c in GRAD_CASES])
+def test_cpu_backward_without_lse_loss(case, dtype):
+    """A loss of out alone: where SDPA's CPU kernel served the forward, SDPA's own backward op runs
+    (eager.backward.sdpa_backward_reasons empty; large logits, GQA, masks with dead rows, strided
+    layouts among the cases), elsewhere the tiled backward; both within the error-ratio rule of the
+    float64 oracle."""
+    from fastattn.eager.backward import sdpa_backward_reasons
+    from fastattn.problem import canonicalize
+
+    q, k, v, kwargs = attention_arguments(case, dtype)
+    reasons = sdpa_backward_reasons(canonicalize(q, k, v, **kwargs), None, False)
+    print("SDPA backward" if not reasons else f"tiled backward: {reasons}")
+    _check_grads(f"cpu {case.id}", case, dtype, "cpu", use_lse=False)
+
+
+def test_which_cpu_backward_runs_is_stated():
+    """sdpa_backward_reasons names why SDPA's backward op cannot serve: a loss that uses lse, a
+    float mask's gradient, what SDPA's forward kernel cannot express."""
+    from fastattn.eager.backward import sdpa_backward_reasons
+    from fastattn.problem import canonicalize
+
+    q = torch.randn(1, 2, 8, 16)
+    p = canonicalize(q, q, q, is_causal=True)
+    assert sdpa_backward_reasons(p, None, False) == []
+    assert sdpa_backward_reasons(p, torch.zeros(1, 2, 8), False) == []  # autograd's zero dlse
+    assert any("lse" in r for r in sdpa_backward_reasons(p, torch.ones(1, 2, 8), False))
+    assert any("mask's gradient" in r for r in sdpa_backward_reasons(p, None, True))
+    assert any("window" in r for r in sdpa_backward_reasons(canonicalize(q, q, q, window_size=(2, 0)), None, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
 def test_cpu_backward_modifiers(case, dtype):
     """Windows, softcaps and ALiBi through the PyTorch backward; a float mask gets its gradient too."""

@@ -16,6 +16,7 @@ import torch
 
 from .. import configs, dropout
 from ..problem import Problem
+from .forward import sdpa_cpu_reasons, sdpa_mask, sdpa_mask_rows, without_noop_causality
 from .scores import grouped_alibi, grouped_mask, score_mods_, visible_keys, visible_rows
 
 
@@ -172,3 +173,48 @@ def tiled_attention_backward(
     dq.mul_(scale)
     grads = dq.view(B, Hq, L, E).to(p.dtype), dk.to(p.dtype), dv.to(p.dtype)
     return (*grads, dmask.to(p.mask.dtype) if dmask is not None else None)
+
+
+SDPA_BACKWARD_OP = "_scaled_dot_product_flash_attention_for_cpu_backward"
+
+
+def sdpa_backward_reasons(p: Problem, dlse: torch.Tensor | None, mask_grad: bool) -> list[str]:
+    """Why SDPA's CPU backward op cannot differentiate `p` (empty when it can). It can where SDPA's
+    CPU kernel served the forward (:func:`fastattn.eager.forward.sdpa_cpu_reasons`, after
+    without_noop_causality, as cpu_fallback_attention decides), taking that forward's own out and
+    lse, so their rounding is consistent; it has no input for a gradient of lse and gives none for
+    the mask."""
+    reasons = list(sdpa_cpu_reasons(without_noop_causality(p)))
+    if not hasattr(torch.ops.aten, SDPA_BACKWARD_OP):
+        reasons.append("this torch has no CPU flash-attention backward op")
+    if mask_grad:
+        reasons.append("a float mask's gradient (the op gives none)")
+    if dlse is not None and bool(dlse.ne(0).any()):
+        reasons.append("a loss that uses lse (the op takes no gradient of lse)")
+    if sdpa_mask_rows(p) < p.seqlen_q:
+        reasons.append("a bool mask the forward converted in row blocks (too large to convert whole)")
+    return reasons
+
+
+def sdpa_cpu_backward(p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+    """(dq, dk, dv) by SDPA's CPU backward op, from the out and lse SDPA's kernel gave the forward
+    (call it where :func:`sdpa_backward_reasons` is empty). Rows with no key carry lse = -inf in
+    fastattn; the op needs +inf there (P = exp(s - lse) = 0), -inf would give NaN gradients."""
+    p = without_noop_causality(p)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
+    lse = lse.masked_fill(torch.isneginf(lse), math.inf).contiguous()
+    return getattr(torch.ops.aten, SDPA_BACKWARD_OP)(
+        dout.contiguous(), q, k, v, out.contiguous(), lse, 0.0, p.features.causal_offset is not None,
+        attn_mask=sdpa_mask(p, p.mask), scale=p.features.scale,
+    )  # fmt: skip
+
+
+def cpu_attention_backward(
+    p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse=None, mask_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The "cpu" backend's backward: SDPA's own CPU backward op where SDPA's kernel served the
+    forward and the op can differentiate the call (:func:`sdpa_backward_reasons`), else
+    :func:`tiled_attention_backward`. (dq, dk, dv, dmask or None)."""
+    if not sdpa_backward_reasons(p, dlse, mask_grad):
+        return (*sdpa_cpu_backward(p, out, lse, dout), None)
+    return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)

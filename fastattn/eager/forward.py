@@ -62,15 +62,28 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
     return reasons
 
 
-def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+def sdpa_mask_rows(p: Problem) -> int:
+    """How many query rows SDPA's op takes at a time: all of them, except with a bool mask, which
+    the op takes as an additive one, converted at the mask's own (broadcast) size, and for a mask
+    with a query dim a block of rows at a time so the copy stays within MASK_BLOCK_BYTES."""
     mask = p.mask
     rows = p.seqlen_q
+    if mask is not None and mask.dtype == torch.bool and mask.shape[2] > 1:
+        row_bytes = mask[:, :, :1].numel() * mask.new_empty((), dtype=p.dtype).element_size()
+        rows = max(1, min(rows, MASK_BLOCK_BYTES // row_bytes))
+    return rows
+
+
+def sdpa_mask(p: Problem, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask as SDPA's CPU op takes it: additive, in the query's dtype (-inf where a bool mask is False)."""
     if mask is not None and mask.dtype == torch.bool:
-        # The op takes additive masks only: converted at the mask's own (broadcast) size, and for
-        # a mask with a query dim, a block of query rows at a time so the copy stays small.
-        if mask.shape[2] > 1:
-            row_bytes = mask[:, :, :1].numel() * mask.new_empty((), dtype=p.dtype).element_size()
-            rows = max(1, min(rows, MASK_BLOCK_BYTES // row_bytes))
+        return torch.zeros(mask.shape, dtype=p.dtype, device=p.device).masked_fill_(~mask, float("-inf"))
+    return mask
+
+
+def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    mask = p.mask
+    rows = sdpa_mask_rows(p)
     if rows >= p.seqlen_q:
         out, lse = _sdpa_cpu_rows(p, mask)
     else:
@@ -102,8 +115,7 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _sdpa_cpu_rows(p: Problem, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    if mask is not None and mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=p.dtype, device=p.device).masked_fill_(~mask, float("-inf"))
+    mask = sdpa_mask(p, mask)
     # The raw op (unlike F.scaled_dot_product_attention) assumes unit stride in the head dim and
     # silently returns garbage otherwise, e.g. for a (B, H, E, L) tensor transposed.
     q, k, v = (_last_dim_contiguous(t) for t in (p.q, p.k, p.v))
@@ -225,12 +237,18 @@ def tiled_attention(
     return out.view(B, Hq, L, Ev), lse.view(B, Hq, L).to(lse_dtype(p.dtype))
 
 
-def cpu_fallback_attention(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles."""
+def without_noop_causality(p: Problem) -> Problem:
+    """`p`, without its causal diagonal where every query sees every key (e.g. one decoding step,
+    bottom-right): so SDPA's kernel, which has top-left causality only, can serve it."""
     off = p.features.causal_offset
     if off is not None and off >= p.seqlen_k - 1:
-        # Every query sees every key (e.g. one decoding step, bottom-right): causality is a no-op.
         p = dataclasses.replace(p, features=dataclasses.replace(p.features, causal_offset=None))
+    return p
+
+
+def cpu_fallback_attention(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles."""
+    p = without_noop_causality(p)
     if not sdpa_cpu_reasons(p):
         return _sdpa_cpu(p)
     return tiled_attention(p)
