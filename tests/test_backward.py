@@ -127,6 +127,26 @@ def test_gradcheck_cpu_fallback():
     assert torch.autograd.gradcheck(f, (q, k, v, mask))
 
 
+def test_gradcheck_sdpa_backward_op():
+    """gradcheck (float64) of the path that hands the backward to SDPA's CPU op: GQA, a bool mask
+    with a row that sees no key (lse = -inf there, given to the op as +inf: zero gradients)."""
+    from fastattn.eager.backward import sdpa_backward_reasons
+    from fastattn.problem import canonicalize
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 9, 6, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 11, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(1, 1, 9, 11) > 0.3
+    mask[:, :, 2] = False
+    assert sdpa_backward_reasons(canonicalize(q, k, v, mask, enable_gqa=True), None, False) == []
+
+    def f(q, k, v):
+        return fastattn.attention(q, k, v, mask, enable_gqa=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
 def test_dead_rows_get_zero_gradients():
     q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
     mask = torch.ones(6, 6, dtype=torch.bool)
