@@ -54,6 +54,16 @@ def environment() -> dict:
     }
 
 
+def save_results(name: str, text: str, env: dict, rows: list[dict], device: str = "cpu") -> None:
+    """Write a benchmark's table to benchmarks/results/<device>/<name>.md and its raw numbers to a
+    .json beside it (<device>: "cpu", or the GPU's name)."""
+    where = "cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "-")
+    out = Path(__file__).resolve().parent / "results" / where
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+
+
 def time_interleaved(fns: dict, rounds: int, min_run_time: float) -> dict[str, list[float]]:
     """Per-run times (s) of each function, measured in `rounds` interleaved blocked_autorange calls."""
     times: dict[str, list[float]] = {name: [] for name in fns}

@@ -17,19 +17,15 @@ average is printed with the table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_fallback_ratio import environment, time_interleaved
+from cpu_fallback_ratio import environment, save_results, time_interleaved
 
 import fastattn
 from fastattn.eager.backward import sdpa_backward_reasons, tiled_attention_backward
 from fastattn.problem import canonicalize
-
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 
 
 def measure(B, Hq, Hkv, L, S, E, dtype, causal, rounds, min_run_time) -> dict:
@@ -152,9 +148,7 @@ def main() -> None:
     text = markdown(rows, env)
     print(text)
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "cpu_training.md").write_text(text)
-        (RESULTS / "cpu_training.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        save_results("cpu_training", text, env, rows)
 
 
 if __name__ == "__main__":

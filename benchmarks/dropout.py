@@ -16,20 +16,17 @@ time_interleaved); every call is checked first against the reference with the sa
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_fallback_ratio import environment, time_interleaved
+from cpu_fallback_ratio import environment, save_results, time_interleaved
 
 import fastattn
 from fastattn import reference
 from fastattn.eager.forward import tiled_attention
 from fastattn.problem import canonicalize
 
-RESULTS = Path(__file__).resolve().parent / "results"
 P = 0.1
 
 
@@ -129,10 +126,7 @@ def main() -> None:
     text = markdown(env, rows, device)
     print(text)
     if not args.quick:
-        out = RESULTS / ("cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "-"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dropout.md").write_text(text)
-        (out / "dropout.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        save_results("dropout", text, env, rows, device)
 
 
 if __name__ == "__main__":

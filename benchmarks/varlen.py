@@ -19,18 +19,14 @@ without --quick, to benchmarks/results/<device>/varlen.md with the raw numbers i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_fallback_ratio import environment, time_interleaved
+from cpu_fallback_ratio import environment, save_results, time_interleaved
 
 import fastattn
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _cu(lengths, device) -> torch.Tensor:
@@ -206,10 +202,7 @@ def main() -> None:
     text = markdown(env, rows, device)
     print(text)
     if not args.quick:
-        out = RESULTS / ("cpu" if device == "cpu" else torch.cuda.get_device_name().replace(" ", "-"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "varlen.md").write_text(text)
-        (out / "varlen.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        save_results("varlen", text, env, rows, device)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ goes to stdout and to benchmarks/results/cpu/window_scaling.md, the raw numbers 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
-from cpu_fallback_ratio import environment, time_interleaved
+from cpu_fallback_ratio import environment, save_results, time_interleaved
 
 import fastattn
 from fastattn import reference
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu"
 WINDOW = 512  # keys per query: window_size=(511, 0)
 
 
@@ -111,9 +108,7 @@ def main() -> None:
     text = markdown(env, rows)
     print(text)
     if not args.quick:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "window_scaling.md").write_text(text)
-        (RESULTS / "window_scaling.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+        save_results("window_scaling", text, env, rows)
 
 
 if __name__ == "__main__":
