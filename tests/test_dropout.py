@@ -126,6 +126,13 @@ MASK_CASES = {
 }
 
 
+def case_arguments(case: str, B: int, L: int, S: int, dropout_p: float) -> dict:
+    """The keyword arguments of MASK_CASES[case] (bool-mask: a random (B, 1, L, S) mask), with
+    dropout_p and GQA."""
+    kwargs = dict(MASK_CASES[case]) if case != "bool-mask" else dict(attn_mask=torch.rand(B, 1, L, S) > 0.3)
+    return dict(kwargs, dropout_p=dropout_p, enable_gqa=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
 @pytest.mark.parametrize("case", list(MASK_CASES))
@@ -137,8 +144,7 @@ def test_every_backend_keeps_the_weights_the_formula_keeps(backend, dtype, case)
     q = torch.randn(B, Hq, L, 16, dtype=dtype) * 0.3
     k = torch.randn(B, Hkv, S, 16, dtype=dtype) * 0.3
     v = identity_values(B, Hkv, S, dtype)
-    kwargs = dict(MASK_CASES[case]) if case != "bool-mask" else dict(attn_mask=torch.rand(B, 1, L, S) > 0.3)
-    kwargs.update(dropout_p=0.4, enable_gqa=True)
+    kwargs = case_arguments(case, B, L, S, dropout_p=0.4)
     out = call(backend, q, k, v, generator=gen(7), **kwargs)
     rng = dropout.draw(torch.device("cpu"), gen(7))
     expected = dropout.keep_mask(rng, 0.4, B, Hq, L, S)
@@ -496,8 +502,7 @@ def test_gpu_kernel_keeps_what_the_cpu_path_keeps(dtype, case):
     q = torch.randn(B, Hq, L, 64, dtype=dtype) * 0.3
     k = torch.randn(B, Hkv, S, 64, dtype=dtype) * 0.3
     v = identity_values(B, Hkv, S, dtype)
-    kwargs = dict(MASK_CASES[case]) if case != "bool-mask" else dict(attn_mask=torch.rand(B, 1, L, S) > 0.3)
-    kwargs.update(dropout_p=0.3, enable_gqa=True)
+    kwargs = case_arguments(case, B, L, S, dropout_p=0.3)
     cpu = fastattn.attention(q, k, v, generator=gen(5), backend="cpu", **kwargs)
     cuda_kwargs = {n: (t.cuda() if isinstance(t, torch.Tensor) else t) for n, t in kwargs.items()}
     out = fastattn.attention(q.cuda(), k.cuda(), v.cuda(), generator=gen(5), backend="triton", **cuda_kwargs)

@@ -238,6 +238,19 @@ def _dropout_scaled(x, mods):
 
 
 @triton.jit
+def _tile_positions(q_idx, k_idx, KEY_MAJOR: tl.constexpr):
+    """(q_pos, k_pos): a tile's 1-D query and key positions as its column and row broadcasts, keys
+    along rows with KEY_MAJOR (the dK/dV kernel's k q^T tiles), else queries."""
+    if KEY_MAJOR:
+        k_pos = k_idx[:, None]
+        q_pos = q_idx[None, :]
+    else:
+        k_pos = k_idx[None, :]
+        q_pos = q_idx[:, None]
+    return q_pos, k_pos
+
+
+@triton.jit
 def _dropout_keep(q_idx, k_idx, mods, KEY_MAJOR: tl.constexpr):
     """Which weights of the tile of query positions q_idx and key positions k_idx (1-D; KEY_MAJOR:
     keys along rows) survive dropout: fastattn.dropout's function, bit for bit. Philox4x32-10 of
@@ -245,12 +258,7 @@ def _dropout_keep(q_idx, k_idx, mods, KEY_MAJOR: tl.constexpr):
     above the threshold (compared as signed: the sign bit flipped on both sides). Each element
     runs the Philox call its group of four keys shares and picks its word: no data moves between
     lanes, and the early rounds run on the broadcast row and column vectors."""
-    if KEY_MAJOR:
-        k_pos = k_idx[:, None]
-        q_pos = q_idx[None, :]
-    else:
-        k_pos = k_idx[None, :]
-        q_pos = q_idx[:, None]
+    q_pos, k_pos = _tile_positions(q_idx, k_idx, KEY_MAJOR=KEY_MAJOR)
     _, _, _, _, _, seed, head_word, offset_word, dropout_threshold, _, _ = mods
     r0, r1, r2, r3 = tl.philox(seed, k_pos >> 2, q_pos, head_word, offset_word)
     word = k_pos & 3
@@ -280,12 +288,7 @@ def _score_step(
     compiled kernels instruction for instruction as they were measured, and register allocation
     proved sensitive to such order (see _key_block_bounds).
     """
-    if KEY_MAJOR:
-        k_pos = k_idx[:, None]
-        q_pos = q_idx[None, :]
-    else:
-        k_pos = k_idx[None, :]
-        q_pos = q_idx[:, None]
+    q_pos, k_pos = _tile_positions(q_idx, k_idx, KEY_MAJOR=KEY_MAJOR)
     causal_offset, window_lo, softcap_scale, softcap_scale_lo, slope, _, _, _, _, _, _ = mods
     if HAS_SOFTCAP:
         t = _tanh(s)
