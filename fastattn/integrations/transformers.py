@@ -159,6 +159,8 @@ def attention_mask(
 
     if mask_function is None:
         mask_function = causal_mask_function
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask.bool()  # a 0/1 padding mask (transformers passes bool already)
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if _mask_is_implied(
         padding,
