@@ -13,8 +13,8 @@
   registered mask function transformers hands a custom implementation the raw 2-D padding mask,
   which an SDPA-style function would silently ignore; this one is why padding works.
 
-Supported transformers: 5.x (tested: the version in ``TESTED_TRANSFORMERS``); older releases
-lack the mask registry this needs and :func:`register` refuses them.
+Supported transformers: 5.x (tested: the versions in ``TESTED_TRANSFORMERS``); 4.x releases
+have another mask-function signature, and :func:`register` refuses them.
 
 What the attention function honours, and how:
 
@@ -66,7 +66,7 @@ import torch
 from .. import reference
 from ..interface import attention as _attention
 
-TESTED_TRANSFORMERS = "5.24.0"
+TESTED_TRANSFORMERS = ("5.0.0", "5.24.0")
 MIN_TRANSFORMERS = "5.0.0"
 
 # model_type values whose attention layers pass `sliding_window=` to the attention function for
@@ -140,8 +140,8 @@ def _static_int(x) -> bool:
 
 def attention_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function=None,
@@ -150,17 +150,27 @@ def attention_mask(
     allow_is_causal_skip: bool = True,
     allow_is_bidirectional_skip: bool = False,
     config=None,
+    cache_position: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor | None:
     """transformers' mask interface for fastattn: None where the layer's own arguments describe
     the mask exactly (see the module docstring), else transformers' boolean mask (B, 1, L, S),
-    True where the key takes part."""
+    True where the key takes part.
+
+    The queries are given as q_length and q_offset (transformers 5.24) or, by earlier 5.x
+    releases, as cache_position (their absolute positions); that tensor is read on the host
+    (where a tensor of positions sits on a GPU, a sync) except while compiling, where the mask is
+    built instead."""
     from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
     if mask_function is None:
         mask_function = causal_mask_function
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.bool()  # a 0/1 padding mask (transformers passes bool already)
+    old_api = cache_position is not None
+    if old_api:
+        q_length = cache_position.shape[0]
+        q_offset = None if torch.compiler.is_compiling() else int(cache_position[0])
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
     if _mask_is_implied(
         padding,
@@ -174,17 +184,17 @@ def attention_mask(
         config,
     ):
         return None
+    queries = dict(cache_position=cache_position) if old_api else dict(q_length=q_length, q_offset=q_offset)
     return sdpa_mask(
         batch_size=batch_size,
-        q_length=q_length,
         kv_length=kv_length,
-        q_offset=q_offset,
         kv_offset=kv_offset,
         mask_function=mask_function,
         attention_mask=attention_mask,
         local_size=local_size,
         allow_is_causal_skip=False,
         allow_is_bidirectional_skip=False,
+        **queries,
         **kwargs,
     )
 
