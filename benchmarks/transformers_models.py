@@ -117,7 +117,9 @@ def measure(arch, B, L, min_run_time):
         if impl == "eager":
             continue
         row[f"{impl} logits diff"] = (logits[impl] - logits["eager"]).abs().max().item()
-        row[f"{impl} grad diff"] = max((grads[impl][n] - g).abs().max().item() for n, g in grads["eager"].items()) / g_scale
+        row[f"{impl} grad diff"] = (
+            max((grads[impl][n] - g).abs().max().item() for n, g in grads["eager"].items()) / g_scale
+        )
 
     def forward(m):
         with torch.no_grad():
@@ -141,6 +143,7 @@ def table(rows):
         "| forward ms: eager / sdpa / fastattn | train step ms: eager / sdpa / fastattn |",
         "|---|---|---|---|---|---|",
     ]
+
     def cells(r, key, fmt, impls=IMPLS):
         return " / ".join(format(r[f"{i} {key}"], fmt) if f"{i} {key}" in r else "n/a" for i in impls)
 

@@ -455,7 +455,9 @@ class TestMaskFunction:
         assert self.call(allow_is_causal_skip=False) is not None
         from transformers.masking_utils import bidirectional_mask_function
 
-        full = self.call(allow_is_causal_skip=False, allow_is_bidirectional_skip=True, mask_function=bidirectional_mask_function)
+        full = self.call(
+            allow_is_causal_skip=False, allow_is_bidirectional_skip=True, mask_function=bidirectional_mask_function
+        )
         assert full is None
 
 
