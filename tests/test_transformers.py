@@ -26,43 +26,28 @@ from fastattn.testing import error_ratio  # noqa: E402
 
 NAME = fa_hf.register()
 VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, max_position_embeddings=128)
 
 
 def llama():
-    return transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    return transformers.LlamaConfig(**SMALL, num_hidden_layers=2, num_key_value_heads=2)
 
 
 def mistral():
     return transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
+        **SMALL,
         num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=16,
-        max_position_embeddings=128,
         sliding_window=5,
     )
 
 
 def qwen2():
     return transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
+        **SMALL,
         num_hidden_layers=3,
-        num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
         use_sliding_window=True,
         sliding_window=6,
         max_window_layers=1,  # layer 0 full, layers 1 and 2 windowed
@@ -71,15 +56,11 @@ def qwen2():
 
 def gemma2():
     return transformers.Gemma2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
+        **SMALL,
         num_hidden_layers=4,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
-        max_position_embeddings=128,
         sliding_window=4,
         layer_types=["sliding_attention", "full_attention"] * 2,
         attn_logit_softcapping=1.5,  # small enough to bite on random weights
@@ -89,12 +70,8 @@ def gemma2():
 
 def bert():
     return transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
+        **SMALL,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=128,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )

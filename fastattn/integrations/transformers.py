@@ -109,7 +109,7 @@ def register(name: str = "fastattn", *, backend: str = "auto") -> str:
     Raises ImportError when transformers is missing or older than MIN_TRANSFORMERS, and
     ValueError for a name transformers already uses for its own implementations.
     """
-    tf = _transformers()
+    _transformers()
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
@@ -124,7 +124,6 @@ def register(name: str = "fastattn", *, backend: str = "auto") -> str:
 
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"register: backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
-    del tf
     AttentionInterface.register(name, attention_function(backend))
     AttentionMaskInterface.register(name, attention_mask)
     return name
