@@ -89,20 +89,22 @@ def _run_cpu(p: Problem):
     return cpu_fallback_attention(p)
 
 
-def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None):
+def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None, partial: bool = False):
     from .fused.backward import triton_attention_backward
+
+    # partial needs nothing here: the kernels always take P = exp(S - lse) and delta from out.
 
     return (*triton_attention_backward(p, out, lse, dout, dlse, stats=stats), None)
 
 
-def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None):
+def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None, partial: bool = False):
     from .eager.backward import cpu_attention_backward
 
     if p.packing is not None:
         from .eager.packed import packed_attention_backward
 
         return (*packed_attention_backward(p, out, lse, dout, dlse, cpu_attention_backward), None)
-    return cpu_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
+    return cpu_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad, partial=partial)
 
 
 def _run_reference(p: Problem):
@@ -123,8 +125,9 @@ class Backend:
     custom_op: its forward runs inside the fastattn::forward op and the backward is chosen by
     :func:`choose_backward`; False: plain PyTorch ops that autograd differentiates directly.
     run: (p) -> (out, lse) or (out, lse, stats), stats what its backward needs beyond lse.
-    run_backward: (p, out, lse, dout, dlse, mask_grad, stats=) -> (dq, dk, dv, dmask or None), for
-    custom-op backends (stats: the forward's, or None). more_reasons: what the declarations cannot say
+    run_backward: (p, out, lse, dout, dlse, mask_grad, stats=, partial=) -> (dq, dk, dv, dmask or
+    None), for custom-op backends (stats: the forward's, or None; partial: p holds part of the keys
+    of a larger call whose out and lse these are, so the backward must not recompute them). more_reasons: what the declarations cannot say
     (p, explicit) -> reasons."""
 
     name: str

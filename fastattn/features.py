@@ -194,6 +194,26 @@ def anchored(f: Features, L: int, S: int) -> Features:
     return dataclasses.replace(f, causal_offset=upper, window_lo=lower)
 
 
+def block_features(f: Features, shift: int, L: int, S: int) -> Features | None:
+    """The features of one block of a larger call, or None when its band leaves no key visible.
+
+    The block's query i and key j are the call's query i + qs and key j + ks; shift = qs - ks. `f`
+    holds the call's diagonals (query i sees key j when i + window_lo <= j <= i + causal_offset);
+    the block's are moved by `shift` and set to None where they hide no key of its (L, S) matrix, so
+    a block wholly inside the band is a plain call, and one on the causal diagonal a causal one.
+    This is how a context-parallel ring (fastattn.distributed) runs each of its blocks."""
+    if L == 0 or S == 0:
+        return None
+    lower = None if f.window_lo is None else f.window_lo + shift
+    upper = None if f.causal_offset is None else f.causal_offset + shift
+    if upper is not None and upper < 1 - L:  # even the last query sees no key j >= 0
+        return None
+    if lower is not None and (lower > S - 1 or (upper is not None and lower > upper)):
+        return None
+    lower, upper = _hiding(lower, upper, L, S)
+    return dataclasses.replace(f, causal_offset=upper, window_lo=lower)
+
+
 def check_features(
     *,
     scale: float | None,

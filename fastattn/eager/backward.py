@@ -95,11 +95,15 @@ def tiled_attention_backward(
     mask_grad: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
+    partial: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(dq, dk, dv, dmask) of a canonical problem from its out (B, Hq, L, Ev) and lse (B, Hq, L).
 
     out and lse are accepted for the op's uniform signature; this path recomputes what it needs
-    from them (see below).
+    from them (see below), unless `partial`: then `p` holds part of the keys of a larger call
+    whose out and lse these are (a block of a context-parallel ring, fastattn.distributed), and
+    they are used as FlashAttention's backward uses them, P = exp(S - lse) and delta =
+    rowsum(dO * out) - dlse, so the gradients are this part's share of the larger call's.
 
     dlse: the gradient flowing into lse (a loss that uses lse), or None. mask_grad: also return
     the gradient of the float mask, summed over its broadcast dims (else dmask is None). Rows with
@@ -125,7 +129,12 @@ def tiled_attention_backward(
     # made the gradients up to 25x less accurate than PyTorch's own (measured); with P and delta
     # from the same scores, the rows of dS sum to zero as softmax's backward needs. The saved
     # out and lse are not needed.
-    row_max, inv_sum, delta5 = _row_stats(p, q5, k, v, do5, mask5, alibi5, block_m, block_n)
+    if partial:  # P = exp(S - lse) of the larger call; rows with no key there: +inf makes P = 0
+        row_max = lse.reshape(B, Hkv, G, L).to(cdt).masked_fill(torch.isneginf(lse.reshape(B, Hkv, G, L)), math.inf)
+        inv_sum = torch.ones_like(row_max)
+        delta5 = (do5 * out.reshape(B, Hkv, G, L, Ev).to(cdt)).sum(-1)
+    else:
+        row_max, inv_sum, delta5 = _row_stats(p, q5, k, v, do5, mask5, alibi5, block_m, block_n)
     if dlse is not None:
         delta5 = delta5 - dlse.reshape(B, Hkv, G, L).to(cdt)
     dmask = torch.zeros(p.mask.shape, dtype=cdt, device=p.device) if mask_grad else None
@@ -210,11 +219,19 @@ def sdpa_cpu_backward(p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: to
 
 
 def cpu_attention_backward(
-    p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor, dlse=None, mask_grad: bool = False
+    p: Problem,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse=None,
+    mask_grad: bool = False,
+    partial: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The "cpu" backend's backward: SDPA's own CPU backward op where SDPA's kernel served the
     forward and the op can differentiate the call (:func:`sdpa_backward_reasons`), else
-    :func:`tiled_attention_backward`. (dq, dk, dv, dmask or None)."""
+    :func:`tiled_attention_backward`. (dq, dk, dv, dmask or None). partial: out and lse are those
+    of a larger call whose keys `p` holds a part of (see tiled_attention_backward); SDPA's op takes
+    them as they are."""
     if not sdpa_backward_reasons(p, dlse, mask_grad):
         return (*sdpa_cpu_backward(p, out, lse, dout), None)
-    return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad)
+    return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad, partial=partial)
