@@ -196,12 +196,12 @@ def ring_attention(
     query, key, value = _check_shards(query, key, value, enable_gqa, is_causal, return_lse)
     lay.check_layout(layout)
     _check_backend(backend)
-    group, rank, world_size = _group_of(group)
-    call = dict(layout=layout, is_causal=is_causal, window_size=tuple(window_size), softcap=softcap, scale=scale,
-                enable_gqa=enable_gqa, backend=backend)  # fmt: skip
     # Argument errors before any communication.
     check_features(scale=scale, head_dim=query.shape[3], causal_offset=None, dropout_p=0.0, window_size=window_size,
                    softcap=softcap)  # fmt: skip
+    call = dict(layout=layout, is_causal=is_causal, window_size=tuple(window_size), softcap=softcap, scale=scale,
+                enable_gqa=enable_gqa, backend=backend)  # fmt: skip
+    group, rank, world_size = _group_of(group)
     q_lengths, k_lengths = _gather_call(group, world_size, query, key, value, **call)
     plan = _plan(q_lengths, k_lengths, layout, query.shape[3], is_causal, scale, window_size, softcap, backend)
     out, lse = _RingAttention.apply(query, key, value, plan, rank, group)

@@ -7,7 +7,8 @@ ring) is recovered from each part's (out_s, lse_s):
 
 ``fused/kernels/decode.py``'s split_kv_combine_kernel computes the same on the GPU for the forward's
 splits; :func:`merge_` is its PyTorch twin, folding one part at a time into a running result (the
-ring's steps arrive one by one), and the tests pin the kernel to it.
+ring's steps arrive one by one). Both are checked against the attention over all keys
+(tests/test_varlen.py for the kernel's split factors, tests/test_distributed.py here).
 """
 
 from __future__ import annotations
