@@ -4,10 +4,12 @@
 Triton kernel, on CPU from a PyTorch fallback with O(L) extra memory. ``fastattn.varlen_attention`` is
 the same for packed variable-length batches and KV-cache decoding (contiguous or paged), with the
 arguments of torch's ``varlen_attn``. ``fastattn.reference`` holds the textbook formula every
-path is tested against; ``fastattn.dropout`` the counter-based dropout mask every backend draws.
+path is tested against; ``fastattn.dropout`` the counter-based dropout mask every backend draws;
+``fastattn.distributed.ring_attention`` shards one sequence over a torch.distributed process group
+(context parallelism: exact ring attention, forward and backward).
 """
 
-from . import dropout, reference
+from . import distributed, dropout, reference
 from .dispatch import BACKENDS, BackendUnavailable, unsupported_reasons
 from .interface import attention, varlen_attention
 
@@ -18,6 +20,7 @@ __all__ = [
     "varlen_attention",
     "reference",
     "dropout",
+    "distributed",
     "BACKENDS",
     "BackendUnavailable",
     "unsupported_reasons",

@@ -30,6 +30,12 @@ class RingCase:
     lengths: tuple[int, ...] | None = None  # contiguous shards of these lengths (default: split_lengths)
     B: int = 2
     Hq: int = 4
+    spawn: int = 0  # processes spawned (default: world)
+    group_ranks: tuple[int, ...] | None = None  # the ring runs on this subgroup of the spawned ranks
+
+    @property
+    def processes(self) -> int:
+        return self.spawn or self.world
 
     @property
     def Hkv(self) -> int:
@@ -54,6 +60,7 @@ CASES = [
     ),  # fmt: skip
     RingCase("W4_ragged_empty_shard_causal", 4, causal=True, lengths=(20, 0, 31, 13)),
     RingCase("W4_E16_Ev8_bidirectional_window", 4, window=(5, 5), Ev=8),
+    RingCase("W2_subgroup_of_4_zigzag_causal", 2, "zigzag", causal=True, spawn=4, group_ranks=(3, 1)),
 ]
 
 
@@ -80,10 +87,11 @@ class Results:
     outputs: dict = field(default_factory=dict)  # case name -> (out, lse, dq, dk, dv) shards
     repeat_equal: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)  # case name -> forward bytes received
+    collectives: dict = field(default_factory=dict)  # shard / unshard checks -> passed
     errors: dict = field(default_factory=dict)  # error case -> message
 
 
-def _run_case(case: RingCase, rank: int):
+def _run_case(case: RingCase, rank: int, group=None):
     from fastattn import distributed as fd
     from fastattn.distributed import layout as lay
 
@@ -94,7 +102,7 @@ def _run_case(case: RingCase, rank: int):
     def once():
         ql, kl, vl = (t.clone().requires_grad_() for t in local[:3])
         with fd.trace() as steps:
-            out, lse = fd.ring_attention(ql, kl, vl, layout=case.layout, return_lse=True, **case.kwargs())
+            out, lse = fd.ring_attention(ql, kl, vl, group=group, layout=case.layout, return_lse=True, **case.kwargs())
             loss = (out.double() * local[3]).sum() + (lse.double() * local[4]).sum()
             loss.backward()
         received = sum(s.bytes_received for s in steps if s.direction == "forward")
@@ -128,6 +136,25 @@ def _error_cases(rank: int, world: int) -> dict:
     return messages
 
 
+def _collectives(rank: int, world: int) -> dict:
+    """fastattn.distributed.shard and unshard against the pure split / join, ragged shards too."""
+    from fastattn import distributed as fd
+    from fastattn.distributed import layout as lay
+
+    x = torch.arange(3 * 8 * world * 5, dtype=torch.float32).reshape(3, 8 * world, 5)
+    checks = {}
+    for layout in lay.LAYOUTS:
+        mine = fd.shard(x, 1, layout)
+        checks[f"shard {layout}"] = torch.equal(
+            mine, lay.split(x, 1, layout, fd.split_lengths(8 * world, world, layout))[rank]
+        )
+        checks[f"unshard {layout}"] = torch.equal(fd.unshard(mine, 1, layout), x)
+    ragged = [2 * r + 1 for r in range(world)]
+    local = lay.split(x[:, : sum(ragged)], 1, "contiguous", ragged)[rank]
+    checks["unshard ragged"] = torch.equal(fd.unshard(local, 1), x[:, : sum(ragged)])
+    return checks
+
+
 def run(rank: int, world: int, port: int, outdir: str) -> None:
     import torch.distributed as dist
 
@@ -138,12 +165,20 @@ def run(rank: int, world: int, port: int, outdir: str) -> None:
     results = Results()
     try:
         for case in CASES:
-            if case.world == world:
-                out, equal, received = _run_case(case, rank)
-                results.outputs[case.name] = out
-                results.repeat_equal[case.name] = equal
-                results.received[case.name] = received
+            if case.processes != world:
+                continue
+            group, member = None, rank
+            if case.group_ranks is not None:
+                group = dist.new_group(sorted(case.group_ranks))  # every process takes part in creating it
+                if rank not in case.group_ranks:
+                    continue
+                member = dist.get_rank(group)
+            out, equal, received = _run_case(case, member, group)
+            results.outputs[case.name] = out
+            results.repeat_equal[case.name] = equal
+            results.received[case.name] = received
         results.errors = _error_cases(rank, world)
+        results.collectives = _collectives(rank, world)
     except Exception:
         results.errors["crash"] = traceback.format_exc()
     finally:

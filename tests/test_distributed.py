@@ -345,7 +345,9 @@ def _world(W: int, tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("case", ring_worker.CASES, ids=[c.name for c in ring_worker.CASES])
 def test_gloo_ring(case, tmp_path_factory):
-    ranks = _world(case.world, tmp_path_factory)
+    ranks = _world(case.processes, tmp_path_factory)
+    if case.group_ranks is not None:  # the subgroup's members, in group rank order
+        ranks = [ranks[r] for r in sorted(case.group_ranks)]
     lengths = ring_worker.shard_lengths(case)
     got = [lay.join([r["outputs"][case.name][i] for r in ranks], 2, case.layout) for i in range(5)]
     q, k, v, dout, dlse = ring_worker.case_tensors(case)
@@ -373,6 +375,12 @@ ERRORS = {
     "zigzag_odd": "same even number",
     "zigzag_unequal": "same even number",
 }
+
+
+@pytest.mark.parametrize("W", [2, 4])
+def test_gloo_shard_and_unshard(W, tmp_path_factory):
+    for rank, r in enumerate(_world(W, tmp_path_factory)):
+        assert r["collectives"] and all(r["collectives"].values()), (rank, r["collectives"])
 
 
 @pytest.mark.parametrize("W", [2, 4])
