@@ -86,7 +86,7 @@ def shard_lengths(case: RingCase) -> list[int]:
 class Results:
     outputs: dict = field(default_factory=dict)  # case name -> (out, lse, dq, dk, dv) shards
     repeat_equal: dict = field(default_factory=dict)
-    received: dict = field(default_factory=dict)  # case name -> forward bytes received
+    received: dict = field(default_factory=dict)  # case name -> {direction: bytes received}
     collectives: dict = field(default_factory=dict)  # shard / unshard checks -> passed
     errors: dict = field(default_factory=dict)  # error case -> message
 
@@ -105,7 +105,8 @@ def _run_case(case: RingCase, rank: int, group=None):
             out, lse = fd.ring_attention(ql, kl, vl, group=group, layout=case.layout, return_lse=True, **case.kwargs())
             loss = (out.double() * local[3]).sum() + (lse.double() * local[4]).sum()
             loss.backward()
-        received = sum(s.bytes_received for s in steps if s.direction == "forward")
+        received = {d: sum(s.bytes_received for s in steps if s.direction == d) for d in ("forward", "backward")}
+        assert [s.step for s in steps] == 2 * list(range(case.world)), steps
         return [t.detach() for t in (out, lse, ql.grad, kl.grad, vl.grad)], received
 
     first, received = once()

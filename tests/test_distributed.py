@@ -365,8 +365,12 @@ def test_gloo_ring(case, tmp_path_factory):
     assert all(torch.equal(a, b) for a, b in zip(got, simulated)), "the gloo ring differs from the simulation"
     assert all(r["repeat_equal"][case.name] for r in ranks), "two runs differ"
     kv_bytes = [lengths[i] * case.B * case.Hkv * (case.E + case.Ev) * q.element_size() for i in range(case.world)]
+    acc_size = 8 if q.dtype == torch.float64 else 4  # the dK/dV accumulators: float32 (float64)
+    grad_bytes = [n * acc_size // q.element_size() for n in kv_bytes]
     for rank, r in enumerate(ranks):  # each K/V shard but its own, once: no all-gather
-        assert r["received"][case.name] == sum(kv_bytes) - kv_bytes[rank]
+        assert r["received"][case.name]["forward"] == sum(kv_bytes) - kv_bytes[rank]
+        if case.world > 1:  # and every shard's accumulator once, the last its own coming home
+            assert r["received"][case.name]["backward"] == sum(kv_bytes) - kv_bytes[rank] + sum(grad_bytes)
 
 
 ERRORS = {

@@ -21,7 +21,6 @@ same order, so its results equal the distributed ring's bit for bit.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 import time
 from dataclasses import dataclass
@@ -110,7 +109,9 @@ def new_accumulators(q, v) -> tuple[torch.Tensor, torch.Tensor]:
 @dataclass(frozen=True)
 class StepTrace:
     """One step of one rank: direction ("forward" or "backward"), step index, seconds spent in
-    attention, seconds spent waiting for transfers after it, and bytes sent and received."""
+    attention (and in adding the step's shares), seconds spent waiting for transfers, and the bytes
+    this rank sent and received in the step (the backward's last step includes the rank's own
+    dK/dV accumulator coming home)."""
 
     direction: str
     step: int
@@ -120,48 +121,65 @@ class StepTrace:
     bytes_received: int
 
 
-_TRACE: contextvars.ContextVar[list | None] = contextvars.ContextVar("fastattn_ring_trace", default=None)
+# The open trace() lists: a module global, not a context variable, because autograd runs a CUDA
+# backward on its own device threads, which would not see the caller's context.
+_TRACES: list[list[StepTrace]] = []
 
 
 @contextlib.contextmanager
 def trace():
-    """Record every ring step this process runs while inside: yields the list of StepTrace."""
+    """Record every ring step this process runs while inside (forward and backward, any thread):
+    yields the list of :class:`StepTrace`. While tracing, CUDA work is synchronised to time it."""
     steps: list[StepTrace] = []
-    token = _TRACE.set(steps)
+    _TRACES.append(steps)
     try:
         yield steps
     finally:
-        _TRACE.reset(token)
+        _TRACES.remove(steps)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _Timer:
-    """Step timing, only while tracing (then CUDA work is synchronised to time it)."""
+class _Clock:
+    """One direction's step timings and bytes, kept only while tracing."""
 
     def __init__(self, direction: str, device: torch.device):
-        self.steps, self.direction, self.device = _TRACE.get(), direction, device
-        self.mark = 0.0
+        self.direction, self.device, self.tracing = direction, device, bool(_TRACES)
 
-    def start(self) -> None:
-        if self.steps is not None:
-            _sync(self.device)
-            self.mark = time.perf_counter()
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
-    def lap(self) -> float:
-        if self.steps is None:
-            return 0.0
-        _sync(self.device)
-        now = time.perf_counter()
-        elapsed, self.mark = now - self.mark, now
-        return elapsed
+    def begin(self, step: int) -> None:
+        self.step, self.compute_s, self.wait_s, self.sent_bytes, self.received_bytes = step, 0.0, 0.0, 0, 0
 
-    def record(self, step: int, compute_s: float, wait_s: float, sent: int, received: int) -> None:
-        if self.steps is not None:
-            self.steps.append(StepTrace(self.direction, step, compute_s, wait_s, sent, received))
+    @contextlib.contextmanager
+    def computing(self):
+        if not self.tracing:
+            yield
+            return
+        start = self._now()
+        yield
+        self.compute_s += self._now() - start
+
+    def sent(self, tensors) -> None:
+        self.sent_bytes += _nbytes(tensors)
+
+    def wait(self, pending: _Pending) -> list[torch.Tensor]:
+        if not self.tracing:
+            return pending.wait()
+        start = self._now()
+        received = pending.wait()
+        self.wait_s += self._now() - start
+        self.received_bytes += _nbytes(received)
+        return received
+
+    def end(self) -> None:
+        if self.tracing:
+            record = StepTrace(
+                self.direction, self.step, self.compute_s, self.wait_s, self.sent_bytes, self.received_bytes
+            )
+            for steps in _TRACES:
+                steps.append(record)
 
 
 def _nbytes(tensors) -> int:
@@ -210,30 +228,28 @@ class Transport:
         return _Pending(dist.batch_isend_irecv(ops), received)
 
 
+def _incoming(plan: RingPlan, tensors, source: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of `tensors` (B, H, rows, D) as the K/V shard of rank `source` holds them."""
+    return [((*t.shape[:2], plan.k_lengths[source], t.shape[3]), t.dtype) for t in tensors]
+
+
 def ring_forward(plan: RingPlan, rank: int, transport: Transport, q, k, v):
     """This rank's (out (input dtype), lse) of the whole call, by the ring."""
     W = plan.world_size
     out, lse = new_accumulators(q, v)
-    timer = _Timer("forward", q.device)
+    clock = _Clock("forward", q.device)
     for step in range(W):
-        source = (rank - step) % W
-        timer.start()
+        source, incoming = (rank - step) % W, (rank - step - 1) % W
+        clock.begin(step)
         pending = None
-        if step < W - 1:
-            incoming = (rank - step - 1) % W
-            shapes = [
-                (*k.shape[:2], plan.k_lengths[incoming], k.shape[3]),
-                (*v.shape[:2], plan.k_lengths[incoming], v.shape[3]),
-            ]
-            pending = transport.exchange([k, v], [(shapes[0], k.dtype), (shapes[1], v.dtype)])
-        forward_step(plan, rank, source, q, k, v, out, lse)
-        compute = timer.lap()
-        sent = received = 0
+        if step < W - 1:  # the next shard travels while this one is attended to
+            pending = transport.exchange([k, v], _incoming(plan, (k, v), incoming))
+            clock.sent((k, v))
+        with clock.computing():
+            forward_step(plan, rank, source, q, k, v, out, lse)
         if pending is not None:
-            sent = _nbytes((k, v))
-            k, v = pending.wait()
-            received = _nbytes((k, v))
-        timer.record(step, compute, timer.lap(), sent, received)
+            k, v = clock.wait(pending)
+        clock.end()
     return out.to(q.dtype), lse
 
 
@@ -244,41 +260,32 @@ def ring_backward(plan: RingPlan, rank: int, transport: Transport, q, k, v, out,
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-    timer = _Timer("backward", q.device)
+    clock = _Clock("backward", q.device)
     pending_grads = None
     for step in range(W):
-        source = (rank - step) % W
-        timer.start()
+        source, incoming = (rank - step) % W, (rank - step - 1) % W
+        clock.begin(step)
         pending_kv = None
         if step < W - 1:
-            incoming = (rank - step - 1) % W
-            shapes = [(*t.shape[:2], plan.k_lengths[incoming], t.shape[3]) for t in (k, v)]
-            pending_kv = transport.exchange([k, v], [(shapes[0], k.dtype), (shapes[1], v.dtype)])
-        shares = backward_step(plan, rank, source, q, k, v, out, lse, dout, dlse, dq)
-        compute = timer.lap()
-        sent = received = 0
-        if pending_grads is not None:  # this shard's accumulator, from the previous rank
-            dk, dv = pending_grads.wait()
-            received += _nbytes((dk, dv))
+            pending_kv = transport.exchange([k, v], _incoming(plan, (k, v), incoming))
+            clock.sent((k, v))
+        with clock.computing():
+            shares = backward_step(plan, rank, source, q, k, v, out, lse, dout, dlse, dq)
+        if pending_grads is not None:  # the accumulator of the shard held now, from the previous rank
+            dk, dv = clock.wait(pending_grads)
         if shares is not None:
-            dk += shares[0]
-            dv += shares[1]
-        # On to the next rank; after the last step that is the shard's home.
-        pending_grads = _send_on(transport, dk, dv, plan.k_lengths[(rank - step - 1) % W]) if W > 1 else None
-        sent += _nbytes((dk, dv)) if W > 1 else 0
+            with clock.computing():
+                dk += shares[0]
+                dv += shares[1]
+        if W > 1:  # on to the next rank; after the last step that is the shard's home
+            pending_grads = transport.exchange([dk, dv], _incoming(plan, (dk, dv), incoming))
+            clock.sent((dk, dv))
         if pending_kv is not None:
-            sent += _nbytes((k, v))
-            k, v = pending_kv.wait()
-            received += _nbytes((k, v))
-        timer.record(step, compute, timer.lap(), sent, received)
-    if pending_grads is not None:
-        dk, dv = pending_grads.wait()
+            k, v = clock.wait(pending_kv)
+        if step == W - 1 and pending_grads is not None:  # this rank's own accumulator, home
+            dk, dv = clock.wait(pending_grads)
+        clock.end()
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-
-
-def _send_on(transport: Transport, dk, dv, incoming_length: int) -> _Pending:
-    shapes = [(*t.shape[:2], incoming_length, t.shape[3]) for t in (dk, dv)]
-    return transport.exchange([dk, dv], [(shapes[0], dk.dtype), (shapes[1], dv.dtype)])
 
 
 # W virtual ranks in one process.
