@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import socket
 import statistics
@@ -356,16 +355,6 @@ def markdown(env: dict, cfg: dict, timing: list[dict], traffic: list[dict], wall
             f"{_span(r['sent'], _mb)} | {_mb(r['kv_bound'])} | {_mb(r['grads_expected'])} | {_mb(r['expected'])} | "
             f"{_span(ratio, lambda x: f'{x:.3f}')} |"
         )
-    short = [r for r in traffic if r["direction"] == "backward" and r["W"] > 1]
-    if short and all(
-        math.isclose(x, r["expected"] - r["grads_expected"] / r["W"]) for r in short for x in r["received"]
-    ):
-        lines += [
-            "",
-            "In every backward row the trace counts one dK/dV accumulator fewer than arrives: ring_backward "
-            "waits for the last (the rank's own shard's accumulator coming home) after its loop, outside any "
-            "StepTrace, so neither those bytes nor that wait are in trace(); sent counts all W.",
-        ]
     return "\n".join(lines) + "\n"
 
 
