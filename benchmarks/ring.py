@@ -429,6 +429,10 @@ def main() -> None:
     timing, traffic = [], []
     with tempfile.TemporaryDirectory(prefix="fastattn_ring_") as tmp:
         singles = {}  # (threads, N, dtype) -> {mode: s}
+        # The first timed config of a process runs ~1.4x slow even after its own warm-up call
+        # (measured: fp32 N=16384 fwd+bwd 2.24 s first, 1.61-1.77 s after): warm the process up.
+        baseline(cfg, lengths[0], DTYPES[args.dtypes[0]], args.world[0] * _threads(args.world[0]), 1,
+                 Path(tmp) / f"ref_{lengths[0]}_{args.dtypes[0]}.pt")  # fmt: skip
         for W in args.world:
             threads = W * _threads(W)
             for N in lengths:
