@@ -9,12 +9,33 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import pytest
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
 from fastattn import reference
 from fastattn.problem import lse_dtype
 from fastattn.testing import error_ratio, infinities_match
+
+
+def cpu_triton_error() -> str | None:
+    """Why backend="triton" cannot run CPU tensors in this process (None when it can): they run
+    through Triton's interpreter, off on a GPU machine (or with TRITON_INTERPRET=0)."""
+    from fastattn.fused import flavour_error
+
+    return flavour_error("cpu")
+
+
+def skip_without_cpu_triton() -> None:
+    """Skip a test that runs backend="triton" on CPU tensors where this process cannot."""
+    err = cpu_triton_error()
+    if err:
+        pytest.skip(err)
+
+
+def cpu_runnable(backends) -> list[str]:
+    """The backends of `backends` that can run CPU tensors in this process (see cpu_triton_error)."""
+    return [b for b in backends if b != "triton" or cpu_triton_error() is None]
 
 
 def assert_close_to_oracle(

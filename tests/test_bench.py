@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import skip_without_cpu_triton
 
 from fastattn.bench import __main__ as cli
 from fastattn.bench import readme, report
@@ -257,6 +258,7 @@ def test_default_skips_apply_only_when_the_provider_was_not_named():
     skipped = measure(PROVIDERS["fastattn-triton"], TINY, "fwd", FAST)
     assert (skipped.status, skipped.reason) == ("skipped", "interpreter (no GPU)")
     assert "flex" not in default_providers("cpu") or PROVIDERS["flex"].default_skip["cpu"]
+    skip_without_cpu_triton()  # the named provider runs the kernel through the interpreter
     named = measure(
         PROVIDERS["fastattn-triton"],
         TINY,

@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from helpers import alibi_slopes, assert_close_to_oracle
+from helpers import alibi_slopes, assert_close_to_oracle, cpu_runnable, skip_without_cpu_triton
 
 import fastattn
 from fastattn import configs, dispatch, reference
@@ -26,6 +26,7 @@ from fastattn.fused.block_lists import BLOCK_CUT, BLOCK_DEAD, BLOCK_FULL, causal
 from fastattn.problem import canonicalize
 
 BACKENDS = ["cpu", "triton", "reference"]
+CPU_TENSORS = True  # backend="triton" cases run through the interpreter (conftest skips them where it is off)
 CALLS = {"attention": fastattn.attention, "reference": reference.attention}
 
 
@@ -362,7 +363,7 @@ def test_gradcheck_float64_with_every_modifier():
     """gradcheck of the CPU path and the float64 kernels (interpreter) with a window, softcap, ALiBi."""
     q, k, v = (t.double().requires_grad_() for t in qkv(Hq=2, Hkv=1, L=6, S=9, E=4))
     kwargs = dict(enable_gqa=True, window_size=(3, 1), softcap=1.5, alibi_slopes=torch.rand(2))
-    for backend in ("cpu", "triton"):
+    for backend in cpu_runnable(("cpu", "triton")):
 
         def f(q, k, v, backend=backend):
             return fastattn.attention(q, k, v, backend=backend, **kwargs)
@@ -543,6 +544,7 @@ def test_window_block_classes_match_brute_force(L, S, window, causal):
 def test_backward_config_hears_of_modifiers():
     """The backward's config function is told when a score modifier is on (its built-in table has
     tiles for that); a replacement gets `modified` only if it declares it."""
+    skip_without_cpu_triton()
     seen = []
 
     def declares(head_dim, head_dim_v, dtype, capability, masked=False, modified=False):
@@ -577,7 +579,7 @@ def test_numpy_scalars_and_empty_problems():
     a = fastattn.attention(q, k, v, window_size=(np.int64(3), np.int32(0)), softcap=np.float32(2.0))
     torch.testing.assert_close(a, fastattn.attention(q, k, v, window_size=(3, 0), softcap=2.0), rtol=0, atol=0)
     mods = dict(window_size=(2, 1), softcap=3.0, alibi_slopes=torch.rand(2))
-    for backend in BACKENDS:
+    for backend in cpu_runnable(BACKENDS):
         out, lse = fastattn.attention(*qkv(L=0, S=5), backend=backend, return_lse=True, **mods)
         assert out.shape == (1, 2, 0, 16) and lse.shape == (1, 2, 0)
         out, lse = fastattn.attention(*qkv(L=4, S=0), backend=backend, return_lse=True, **mods)
