@@ -23,6 +23,9 @@ from fastattn.fused.forward import plan_forward
 from fastattn.problem import canonicalize
 from fastattn.reference import causal_keep
 
+# gpu: on a CUDA machine these run compiled on the GPU (DEVICE), so `pytest -m gpu` includes them;
+# without one they run through Triton's interpreter.
+pytestmark = pytest.mark.gpu
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

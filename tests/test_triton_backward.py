@@ -43,7 +43,9 @@ from fastattn.problem import canonicalize, lse_dtype
 from fastattn.reference import causal_keep
 from fastattn.testing import FLOOR
 
-pytestmark = pytest.mark.filterwarnings("ignore:Lower right causal bias")
+# gpu: on a CUDA machine these run compiled on the GPU (DEVICE), so `pytest -m gpu` includes them;
+# without one they run through Triton's interpreter.
+pytestmark = [pytest.mark.filterwarnings("ignore:Lower right causal bias"), pytest.mark.gpu]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
