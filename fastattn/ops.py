@@ -245,6 +245,9 @@ def _setup_context(ctx, inputs, output):
     # a forward under autograd (no torch.no_grad()) still runs.
     ctx.refused = backward_reasons(ctx.backend, p) if ctx.backend == FALLBACK_BACKWARD else []
     ctx.mask_grad = mask is not None and mask.requires_grad
+    # A loss that does not use lse (or out) passes None for its gradient instead of a zero tensor:
+    # the backward then neither reads a dlse nor checks it for zeros.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout, dlse, dstats=None, backward_op=None):

@@ -263,3 +263,23 @@ def test_backward_memory_at_8k_far_below_ls(causal):
         f"backward peak RSS growth at {N}: {growth / 2**20:.1f} MiB (one L x S fp32 matrix: {ls_bytes / 2**20:.0f} MiB)"
     )
     assert growth < ls_bytes / 8
+
+
+def test_a_loss_without_lse_passes_no_dlse(monkeypatch):
+    """Autograd hands the backward None, not a zero tensor, for an lse the loss does not use
+    (ctx.set_materialize_grads(False)): no dlse is read or checked for zeros."""
+    from fastattn.eager import backward as eager_backward
+
+    seen = []
+    original = eager_backward.cpu_attention_backward
+
+    def spy(p, out, lse, dout, dlse=None, *args, **kwargs):
+        seen.append(dlse)
+        return original(p, out, lse, dout, dlse, *args, **kwargs)
+
+    monkeypatch.setattr(eager_backward, "cpu_attention_backward", spy)
+    q, k, v = (torch.randn(1, 2, 16, 8, requires_grad=True) for _ in range(3))
+    fastattn.attention(q, k, v, backend="cpu").sum().backward()
+    out, lse = fastattn.attention(q, k, v, backend="cpu", return_lse=True)
+    lse.sum().backward()  # only lse: dout arrives as None and becomes zeros
+    assert seen[0] is None and seen[1] is not None and torch.equal(seen[1], torch.ones_like(lse))
