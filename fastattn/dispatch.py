@@ -93,7 +93,6 @@ def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=No
     from .fused.backward import triton_attention_backward
 
     # partial needs nothing here: the kernels always take P = exp(S - lse) and delta from out.
-
     return (*triton_attention_backward(p, out, lse, dout, dlse, stats=stats), None)
 
 
@@ -127,8 +126,8 @@ class Backend:
     run: (p) -> (out, lse) or (out, lse, stats), stats what its backward needs beyond lse.
     run_backward: (p, out, lse, dout, dlse, mask_grad, stats=, partial=) -> (dq, dk, dv, dmask or
     None), for custom-op backends (stats: the forward's, or None; partial: p holds part of the keys
-    of a larger call whose out and lse these are, so the backward must not recompute them). more_reasons: what the declarations cannot say
-    (p, explicit) -> reasons."""
+    of a larger call whose out and lse these are, so the backward must not recompute them).
+    more_reasons: what the declarations cannot say (p, explicit) -> reasons."""
 
     name: str
     description: str

@@ -87,7 +87,7 @@ def _gather_call(group, world_size, query, key, value, **call) -> tuple[list[int
     values = [
         B, Hq, key.shape[1], E, value.shape[3], SUPPORTED_DTYPES.index(query.dtype), LAYOUTS.index(call["layout"]),
         call["is_causal"], *call["window_size"], call["softcap"], math.inf if scale is None else float(scale),
-        call["enable_gqa"], ("auto", "triton", "cpu").index(call["backend"]), L, key.shape[2],
+        call["enable_gqa"], RING_BACKENDS.index(call["backend"]), L, key.shape[2],
     ]  # fmt: skip
     device = query.device if query.is_cuda else torch.device("cpu")
     mine = torch.tensor([float(x) for x in values], dtype=torch.float64, device=device)

@@ -130,7 +130,8 @@ def tiled_attention_backward(
     # from the same scores, the rows of dS sum to zero as softmax's backward needs. The saved
     # out and lse are not needed.
     if partial:  # P = exp(S - lse) of the larger call; rows with no key there: +inf makes P = 0
-        row_max = lse.reshape(B, Hkv, G, L).to(cdt).masked_fill(torch.isneginf(lse.reshape(B, Hkv, G, L)), math.inf)
+        lse5 = lse.reshape(B, Hkv, G, L).to(cdt)
+        row_max = lse5.masked_fill(torch.isneginf(lse5), math.inf)
         inv_sum = torch.ones_like(row_max)
         delta5 = (do5 * out.reshape(B, Hkv, G, L, Ev).to(cdt)).sum(-1)
     else:
