@@ -25,13 +25,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--runslow") or "slow" in (config.getoption("-m") or ""):
+    """Skip `slow` tests unless asked for; with FASTATTN_TEST_SHARD=i/n keep the i-th of n
+    contiguous slices of the selected tests (fastattn.gpu_check runs the GPU suite in parallel
+    shards, so their kernel compiles use several cores)."""
+    if not (config.getoption("--runslow") or "slow" in (config.getoption("-m") or "")):
+        skip_slow = pytest.mark.skip(reason="slow sweep: run with --runslow or -m slow")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip_slow)
+    shard = os.environ.get("FASTATTN_TEST_SHARD")
+    if not shard:
         return
-    skip_slow = pytest.mark.skip(reason="slow sweep: run with --runslow or -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip_slow)
+    i, n = (int(x) for x in shard.split("/"))
+    if not 0 <= i < n:
+        raise pytest.UsageError(f"FASTATTN_TEST_SHARD={shard}: want i/n with 0 <= i < n")
+    start, stop = len(items) * i // n, len(items) * (i + 1) // n
+    config.hook.pytest_deselected(items=items[:start] + items[stop:])
+    items[:] = items[start:stop]
 
 
 @pytest.fixture(autouse=True)

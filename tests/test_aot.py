@@ -137,26 +137,43 @@ def test_large_offsets_variants_compile():
     assert {r["variant"].split(":")[0] for r in rows} >= {"large-offsets", "dkdv", "dq", "preprocess"}
 
 
-def test_an_unannotated_float_argument_is_refused():
-    """The AOT types scalars from the values a launch passes: a float for a kernel argument not
-    annotated tl.float32 is an error, never an integer."""
+def test_the_aot_compile_specialises_as_a_launch_does():
+    """The AOT compile goes through triton's own launch path: a unit stride becomes a constant,
+    integers divisible by 16 and 16-byte aligned pointers are marked, other integers are not;
+    fp32 without TF32 compiles IEEE matmuls, with TF32 TF32 ones; a launch the kernel does not
+    take is refused."""
     script = textwrap.dedent(
         """
+        import json
         import torch
         from fastattn.fused import aot
 
-        launch = aot.plan("forward", "plain", torch.float16, 64, 64, 90)
-        launch.args["causal_offset"] = 0.5
+        launch = aot.plan("forward", "ragged", "fp16", 64, 64, 90)  # L = S = 1000: 1000 % 16 = 8
+        compiled = aot.compile_launch(launch, 90)
+        names = [p.name for p in launch.jit_function().params]
+        marked = {names[path[0]] for path, attr in compiled.src.attrs.items() if attr}
+        constants = {names[path[0]]: v for path, v in compiled.src.constants.items()}
+        print(json.dumps(dict(
+            unit_stride=constants.get("stride_qk"), q_marked="Q" in marked, row_stride_marked="stride_qm" in marked,
+            seqlen=launch.args["L"], seqlen_marked="L" in marked,
+            precisions=[aot.plan("forward", "plain", p, 64, 64, 90).constexprs["INPUT_PRECISION"] for p in ("fp32", "tf32")],
+        )))
+        launch.args["not_an_argument"] = 1
         try:
-            aot.source(launch)
+            aot.compile_launch(launch, 90)
         except TypeError as e:
             print("refused:", e)
         """
     )
     proc = _run(["-c", script])
-    assert "refused: attention_forward_kernel: float argument causal_offset must be annotated" in proc.stdout, (
-        proc.stdout + proc.stderr[-3000:]
-    )
+    lines = proc.stdout.splitlines()
+    assert lines and lines[0].startswith("{"), proc.stdout + proc.stderr[-3000:]
+    got = json.loads(lines[0])
+    assert got == dict(
+        unit_stride=1, q_marked=True, row_stride_marked=True, seqlen=1000, seqlen_marked=False,
+        precisions=["ieee", "tf32"],
+    )  # fmt: skip
+    assert "refused: attention_forward_kernel: the launch passes arguments the kernel does not take" in proc.stdout
 
 
 @pytest.mark.slow

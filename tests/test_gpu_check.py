@@ -39,13 +39,34 @@ def test_a_stage_past_its_box_is_stopped_and_its_log_kept(tmp_path):
     assert "started" in (tmp_path / "slow.log").read_text()
 
 
-def test_kernels_compiled_are_new_triton_cache_entries(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    (cache / "old").mkdir(parents=True)
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
-    code = f"import os; [os.makedirs(os.path.join({str(cache)!r}, n)) for n in ('a', 'b')]"
+def test_kernels_compiled_and_cached_come_from_the_compile_log(tmp_path):
+    # A stand-in for a process whose launches triton compiled twice and found cached once.
+    code = (
+        "import json, os; f = open(os.environ['FASTATTN_COMPILE_LOG'], 'a'); "
+        "[f.write(json.dumps({'kernel': 'k', 'cache_hit': h}) + '\\n') for h in (False, True, False)]"
+    )
     r = run_stage(Stage("compile", [PY, "-c", code], 60, needs_cuda=False), tmp_path)
-    assert r.compiled == 2 and gpu_check.cache_entries(cache) == 3
+    assert (r.status, r.compiled, r.cached) == ("passed", 2, 1)
+    r = run_stage(Stage("quiet", [PY, "-c", "pass"], 60, needs_cuda=False), tmp_path)
+    assert (r.compiled, r.cached) == (0, 0)
+
+
+def test_a_sharded_stage_runs_its_copies_at_once_and_adds_their_counts(tmp_path):
+    code = (
+        "import os, sys, time; i, n = os.environ['FASTATTN_TEST_SHARD'].split('/'); time.sleep(1.5); "
+        "print(f'{int(i) + 1} passed, 1 skipped in 1.5s'); print('{shard}', file=sys.stderr)"
+    )
+    start = time.monotonic()
+    r = run_stage(Stage("tests", [PY, "-c", code, "{shard}"], 60, needs_cuda=False, shards=3), tmp_path)
+    assert time.monotonic() - start < 4.4  # 3 x 1.5 s one after another would take 4.5 s
+    assert r.status == "passed" and r.detail == "6 passed, 3 skipped (3 shards)"
+    assert [(tmp_path / f"tests-{i}.log").is_file() for i in range(3)] == [True] * 3
+
+
+def test_a_failing_shard_fails_the_stage(tmp_path):
+    code = "import os, sys; sys.exit(int(os.environ['FASTATTN_TEST_SHARD'][0]))"
+    r = run_stage(Stage("tests", [PY, "-c", code], 60, needs_cuda=False, shards=2), tmp_path)
+    assert r.status == "failed" and r.detail.startswith("exit 1")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA device")
@@ -62,8 +83,9 @@ def test_unknown_stage_is_refused(tmp_path):
 
 
 def test_the_commands_name_the_gpu_suite_and_a_cuda_benchmark(tmp_path):
-    plan = gpu_check.stages(tmp_path, gpu_check.DEFAULT_BOXES)
+    plan = gpu_check.stages(tmp_path, gpu_check.DEFAULT_BOXES, shards=8)
     assert plan["tests"].command[plan["tests"].command.index("-m", 3) + 1] == "gpu"
+    assert plan["tests"].shards == 8 and any("tests-{shard}.xml" in c for c in plan["tests"].command)
     bench = plan["bench"].command
     assert bench[bench.index("--device") + 1] == "cuda" and "bf16,fp16" in bench and "64,128" in bench
     assert sum(gpu_check.DEFAULT_BOXES.values()) <= 7 * 60

@@ -3,12 +3,13 @@
 ``python -m fastattn.fused.aot`` builds, for each kernel variant (causal, ragged lengths, padded
 head dims, masks, 64-bit offsets: :data:`VARIANTS`), a problem of meta tensors, asks the
 launchers for their launch plans (``plan_forward`` / ``plan_backward``) with the config the
-dispatcher would pick for sm_80 or sm_90, and compiles each planned kernel. So the constexprs and
-the arguments compiled are the ones a launch passes; nothing here lists them again. Argument
-types come from the planned values: tensors give pointer types, ints i32 (i64 past 2**31), floats
-fp32 only where the kernel annotates the argument ``tl.float32`` (anything else is an error, so a
-float can never be compiled as an integer). Pointers and row strides are marked 16-byte aligned
-and unit strides are specialised to 1, as a launch with contiguous inputs would be.
+dispatcher would pick for sm_80 or sm_90 in each precision (:data:`PRECISIONS`: fp16, bf16, fp32
+with TF32 off, so IEEE matmuls, and with TF32 on), and compiles each planned kernel through
+triton's own launch path (:func:`compile_launch`: ``JITFunction.warmup`` with a compile-only
+driver for the target). So the constexprs and arguments compiled are the ones a launch passes, and
+the specialisation (alignment, integers divisible by 16, integers equal to 1) and the options are
+the ones triton derives from them at a launch; nothing here lists them again. The compiled kernels
+land in the Triton cache under the keys those launches look up.
 
 It prints, per compiled kernel, registers per thread, spill stores/loads and stack (read from the
 cubin by the ``cuobjdump`` inside triton), shared memory against the GPU's limit, and whether the
@@ -31,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from ..configs import BackwardConfig, TileConfig, backward_config, padded_head_dim
+from ..configs import BackwardConfig, TileConfig, padded_head_dim
 from ..problem import canonicalize
 from . import plumbing as pl
+from . import replay
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KB, H100 (sm_90) 227 KB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
@@ -44,11 +46,15 @@ KERNELS = {
     "dq": "attention_backward_dq_kernel",
     "combine": "split_kv_combine_kernel",
 }
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                 torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}  # fmt: skip
-# Row strides of the inputs and outputs: a multiple of 16 bytes in the common case.
-ROW_STRIDES = frozenset({"stride_qm", "stride_kn", "stride_vn", "stride_om", "stride_dom", "stride_dkn", "stride_dvn", "stride_dqm"})  # fmt: skip
+# What a launch computes in: the input dtype and whether fp32 matmuls may use TF32. "fp32" is
+# torch's default (torch.backends.cuda.matmul.allow_tf32 False: tl.dot's input_precision "ieee"),
+# "tf32" the same fp32 inputs with TF32 allowed.
+PRECISIONS = {
+    "fp16": (torch.float16, False),
+    "bf16": (torch.bfloat16, False),
+    "fp32": (torch.float32, False),
+    "tf32": (torch.float32, True),
+}
 
 
 @dataclass(frozen=True)
@@ -161,73 +167,56 @@ def _packed_variant_problem(v: Variant, dtype: torch.dtype, head_dim: int, head_
     )  # fmt: skip
 
 
-def plan(kernel: str, variant: str, dtype, head_dim: int, head_dim_v: int, arch: int, tile: TileConfig | None = None):
-    """The launch the launchers plan for `kernel` on this variant's problem, for sm_<arch>, with
-    the dispatcher's config (or `tile` for this kernel instead)."""
-    from .backward import plan_backward
+def plan(
+    kernel: str, variant: str, precision: str, head_dim: int, head_dim_v: int, arch: int, tile: TileConfig | None = None
+) -> pl.Launch:
+    """The launch the launchers plan for `kernel` on this variant's problem in `precision`
+    (:data:`PRECISIONS`), for sm_<arch>, with the dispatcher's config (or `tile` for this kernel)."""
+    from .backward import choose_config, plan_backward
     from .forward import plan_forward
 
+    dtype, allow_tf32 = PRECISIONS[precision]
     p = variant_problem(variant, dtype, head_dim, head_dim_v)
-    # TF32 allowed: fp32 kernels compiled with input_precision="tf32".
-    target = pl.Target((arch // 10, arch % 10), allow_tf32=True)
+    target = pl.Target((arch // 10, arch % 10), allow_tf32=allow_tf32)
     out = torch.empty(*p.q.shape[:-1], p.head_dim_v, device="meta", dtype=dtype)
     lse = torch.empty(p.q.shape[:-1], device="meta", dtype=torch.float32)
     if kernel in ("forward", "combine"):
         splits = VARIANTS[variant].splits
         launches = plan_forward(p, out, lse, tile if kernel == "forward" else None, target, num_splits=splits)
         return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
-    config = backward_config(
-        head_dim, head_dim_v, dtype, target.capability, masked=p.mask is not None, modified=pl.modified_scores(p),
-        dropout=p.rng is not None,
-    )  # fmt: skip
+    config = None
     if tile is not None:
+        config = choose_config(p, target)
         config = BackwardConfig(tile, config.dq) if kernel == "dkdv" else BackwardConfig(config.dkdv, tile)
     grads = tuple(torch.empty_like(t) for t in (p.q, p.k, p.v))
     launches = plan_backward(p, out, lse, torch.empty_like(out), torch.empty_like(lse), grads, config, target)
     return next(launch for launch in launches if launch.kernel == KERNELS[kernel])
 
 
-def source(launch: pl.Launch):
-    """An ASTSource of the planned launch (see the module docstring for how arguments are typed)."""
-    from triton.compiler import ASTSource
-
+def compile_launch(launch: pl.Launch, arch: int):
+    """Compile `launch` for sm_<arch> through triton's own launch path (``JITFunction.warmup``:
+    ``run`` without the launch), so the kernel is specialised exactly as a launch with these
+    arguments specialises it on such a GPU: pointers by 16-byte alignment (meta tensors count as
+    aligned, as the caching allocator's are), every integer by divisibility by 16 and equality to 1
+    (then a constant), floats as fp32, with the options a launch parses. The compiled kernel goes
+    to the Triton cache under the key that launch would look up. Returns triton's CompiledKernel."""
     from .kernels import interpreted
 
     if interpreted():
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset or 0")
     fn = launch.jit_function()
-    names = [param.name for param in fn.params]
-    unknown = set(launch.args) | set(launch.constexprs)
-    unknown -= set(names)
+    names = {param.name for param in fn.params}
+    unknown = (set(launch.args) | set(launch.constexprs)) - names
     if unknown:
         raise TypeError(f"{launch.kernel}: the launch passes arguments the kernel does not take: {sorted(unknown)}")
-    signature, constexprs, aligned = {}, dict(launch.constexprs), []
-    for i, param in enumerate(fn.params):
-        name = param.name
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        if name not in launch.args:
-            raise TypeError(f"{launch.kernel}: the launch does not pass {name}")
-        value = launch.args[name]
-        if isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPE[value.dtype]
-            aligned.append(i)
-        elif isinstance(value, float):
-            if param.annotation_type != "fp32":
-                raise TypeError(f"{launch.kernel}: float argument {name} must be annotated tl.float32 in the kernel")
-            signature[name] = "fp32"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            if name.startswith("stride_") and value == 1:
-                signature[name], constexprs[name] = "constexpr", 1
-                continue
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if name in ROW_STRIDES:
-                aligned.append(i)
-        else:
-            raise TypeError(f"{launch.kernel}: argument {name} has a value of type {type(value).__name__}")
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    missing = names - set(launch.args) - set(launch.constexprs)
+    if missing:
+        raise TypeError(f"{launch.kernel}: the launch does not pass {sorted(missing)}")
+    with replay.compile_only(arch):
+        return fn.warmup(
+            **launch.args, **launch.constexprs, grid=launch.grid, num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+        )  # fmt: skip
 
 
 @dataclass
@@ -280,7 +269,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int, int, bool]:
 
 def compile_kernel(
     kernel: str,
-    dtype,
+    precision: str,
     head_dim: int,
     head_dim_v: int,
     arch: int,
@@ -290,22 +279,15 @@ def compile_kernel(
     """Compile one planned kernel for sm_<arch> and report its resource use. The report's variant
     is the variant's name for the forward, "<kernel>:<variant>" for the backward kernels, with
     ":key-major" appended for a key-major dK/dV tile."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    launch = plan(kernel, variant, dtype, head_dim, head_dim_v, arch, tile)
-    compiled = triton.compile(
-        source(launch),
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
-    )
+    launch = plan(kernel, variant, precision, head_dim, head_dim_v, arch, tile)
+    compiled = compile_launch(launch, arch)
     regs, st, ld, stack, hgmma = _resource_usage(compiled.asm["cubin"])
     name = variant if kernel == "forward" else f"{kernel}:{variant}"
     if kernel == "dkdv" and launch.tile.key_major:
         name += ":key-major"
     return CompileReport(
         arch=arch,
-        dtype=_TRITON_DTYPE[dtype],
+        dtype=precision,
         head_dim=head_dim,
         head_dim_v=head_dim_v,
         block_m=launch.tile.block_m,
@@ -356,7 +338,7 @@ BUCKET_HEAD_DIMS = {64: (64, 32, 16), 128: (128,), 256: (256,)}
 
 
 def search_tiles(
-    kernel: str, dtype, head_dim: int, arch: int, stages: int, pool
+    kernel: str, precision: str, head_dim: int, arch: int, stages: int, pool
 ) -> list[tuple[TileConfig, list[dict]]]:
     """Compile SEARCH_CANDIDATES[kernel] in order (dK/dV: each tile query-major, then key-major);
     stop at the first whose SPILL_FREE_VARIANTS all compile without spills (ptxas sometimes caps a
@@ -371,7 +353,7 @@ def search_tiles(
             tile = TileConfig(bm, bn, warps, stages, key_major)
             for hd in BUCKET_HEAD_DIMS.get(head_dim, (head_dim,)):
                 rows = list(
-                    pool.map(_compile_job, [(kernel, dtype, hd, hd, arch, v, tile) for v in SPILL_FREE_VARIANTS])
+                    pool.map(_compile_job, [(kernel, precision, hd, hd, arch, v, tile) for v in SPILL_FREE_VARIANTS])
                 )
                 tried.append((tile, rows))
                 if not all(
@@ -391,7 +373,7 @@ def _search_main(args, pool) -> int:
         for arch in (int(a) for a in args.archs.split(",")):
             for dt in args.dtypes.split(","):
                 for hd in (int(h) for h in args.head_dims.split(",")):
-                    for t, rows in search_tiles(kernel, DTYPES[dt], hd, arch, 3 if arch >= 90 else 2, pool):
+                    for t, rows in search_tiles(kernel, dt, hd, arch, 3 if arch >= 90 else 2, pool):
                         cells = " | ".join(
                             f"{g['registers']} regs, {g['spill_stores']}/{g['spill_loads']} spills"
                             + ("" if g["shared_bytes"] <= g["shared_limit"] else ", over shared")
@@ -411,7 +393,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn.fused.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {','.join(KERNELS)}")
     parser.add_argument("--variants", default="plain", help=f"comma list of {','.join(VARIANTS)}, or 'all'")
-    parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma list of fp16,bf16,fp32")
+    parser.add_argument(
+        "--dtypes",
+        default="fp16,bf16,fp32,tf32",
+        help="comma list of fp16,bf16,fp32 (TF32 off: IEEE fp32 matmuls),tf32",
+    )
     parser.add_argument("--head-dims", default="16,32,64,128,256", help="comma list of padded head dims")
     parser.add_argument("--all-pairs", action="store_true", help="every (E, Ev) pair of --head-dims, not only E == Ev")
     parser.add_argument("--archs", default="80,90", help="comma list of sm_ numbers")
@@ -437,7 +423,7 @@ def main(argv=None) -> int:
         dims = [int(d) for d in args.head_dims.split(",")]
         pairs = [(a, b) for a in dims for b in dims] if args.all_pairs else [(d, d) for d in dims]
         jobs = [
-            (kernel, DTYPES[dt], hd, hdv, int(arch), variant, tile)
+            (kernel, dt, hd, hdv, int(arch), variant, tile)
             for kernel in args.kernels.split(",")
             for arch in args.archs.split(",")
             for dt in args.dtypes.split(",")

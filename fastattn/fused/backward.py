@@ -16,6 +16,15 @@ from . import plumbing as pl
 from .block_lists import key_block_lists, mask_block_lists
 
 
+def choose_config(p: Problem, target: pl.Target) -> BackwardConfig:
+    """The backward tiles of `p` on `target`: configs.backward_config with the call's properties."""
+    dims = pl.head_dim_constexprs(p)
+    return backward_config(
+        dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=p.mask is not None,
+        modified=pl.modified_scores(p), dropout=p.rng is not None,
+    )  # fmt: skip
+
+
 def plan_backward(
     p: Problem,
     out: torch.Tensor,
@@ -33,16 +42,7 @@ def plan_backward(
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev = p.heads_kv, p.seqlen_k, p.head_dim_v
     dims = pl.head_dim_constexprs(p)
-    if config is None:
-        config = backward_config(
-            dims["HEAD_DIM"],
-            dims["HEAD_DIM_V"],
-            p.dtype,
-            target.capability,
-            masked=p.mask is not None,
-            modified=pl.modified_scores(p),
-            dropout=p.rng is not None,
-        )
+    config = config or choose_config(p, target)
     dq, dk, dv = grads
     q, k, v, out, dout = (pl.last_dim_contiguous(t) for t in (p.q, p.k, p.v, out, dout))
     acc_dtype = lse_dtype(p.dtype)

@@ -11,7 +11,10 @@ constexprs and scalars.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +43,11 @@ class Target:
 
     @classmethod
     def of(cls, p: Problem) -> Target:
-        """The target of a launch for `p` in this process."""
+        """The target of a launch for `p` in this process (inside :func:`recording`, its target)."""
         from .kernels import interpreted
 
+        if _recorder is not None:
+            return _recorder[0]
         if interpreted() or p.device.type != "cuda":
             return cls(None)
         return cls(torch.cuda.get_device_capability(p.device), torch.backends.cuda.matmul.allow_tf32)
@@ -84,7 +89,55 @@ class Launch:
         )
 
 
+# (target, launches) while recording(): run() appends instead of launching.
+_recorder: tuple[Target, list[Launch]] | None = None
+
+
+@contextlib.contextmanager
+def recording(target: Target) -> Iterator[list[Launch]]:
+    """Plan without running: inside, :meth:`Target.of` answers `target` and :func:`run` appends
+    each launch to the yielded list instead of launching it. With meta tensors, the launchers'
+    own entry points then give the launches a call would make on such a GPU, allocating nothing
+    (fused.precompile's workloads)."""
+    global _recorder
+    previous, launches = _recorder, []
+    _recorder = (target, launches)
+    try:
+        yield launches
+    finally:
+        _recorder = previous
+
+
+COMPILE_LOG = "FASTATTN_COMPILE_LOG"
+
+
+@functools.cache
+def _log_compiles() -> None:
+    """With FASTATTN_COMPILE_LOG=PATH set, append a JSON line to PATH for each kernel triton
+    compiles or finds in its cache directory ({"kernel": name, "cache_hit": bool}; kernels a
+    process has already loaded are not looked up again). Installed at the first launch, so it
+    never imports triton early; an existing compilation listener is still called."""
+    path = os.environ.get(COMPILE_LOG)
+    if not path:
+        return
+    from triton import knobs
+
+    previous = knobs.compilation.listener
+
+    def listener(**event):  # src, metadata, metadata_group, times, cache_hit
+        with open(path, "a") as f:
+            f.write(json.dumps({"kernel": getattr(event["src"], "name", "?"), "cache_hit": event["cache_hit"]}) + "\n")
+        if previous is not None:
+            previous(**event)
+
+    knobs.compilation.listener = listener
+
+
 def run(launches: list[Launch], device: torch.device) -> None:
+    if _recorder is not None:
+        _recorder[1].extend(launches)
+        return
+    _log_compiles()
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for launch in launches:
             launch()
