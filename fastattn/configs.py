@@ -77,30 +77,30 @@ def _bucket(head_dim: int, head_dim_v: int) -> int:
 # modifiers' kernels (sliding window, softcap, ALiBi: fused.plumbing.masked_tiles), whose wider
 # tiles spilled. Not yet tuned by timing on a GPU.
 _FORWARD_TABLE = {
-    (True, True, 64, False): (128, 128, 8, 3),
-    (True, True, 64, True): (128, 32, 8, 3),
-    (True, True, 128, False): (128, 64, 8, 3),
-    (True, True, 128, True): (64, 32, 8, 3),
-    (True, True, 256, False): (64, 16, 8, 3),
-    (True, True, 256, True): (64, 16, 8, 3),
-    (True, False, 64, False): (128, 32, 8, 3),
-    (True, False, 64, True): (128, 32, 8, 3),
-    (True, False, 128, False): (32, 32, 4, 3),
-    (True, False, 128, True): (32, 32, 4, 2),  # 3 stages spilled with float masks in natural units
-    (True, False, 256, False): (32, 32, 4, 3),
-    (True, False, 256, True): (32, 16, 4, 3),
-    (False, True, 64, False): (128, 64, 8, 2),  # 128x128 spilled 5 in causal once kernels took Stats
-    (False, True, 64, True): (128, 16, 8, 2),  # 128x32 spilled 2 in window-bool-mask once kernels took Stats
-    (False, True, 128, False): (64, 32, 4, 2),
-    (False, True, 128, True): (64, 32, 8, 2),
-    (False, True, 256, False): (64, 32, 8, 2),
-    (False, True, 256, True): (64, 16, 8, 2),
-    (False, False, 64, False): (128, 32, 8, 2),
-    (False, False, 64, True): (128, 32, 8, 2),
-    (False, False, 128, False): (32, 32, 4, 2),
-    (False, False, 128, True): (64, 32, 8, 2),
-    (False, False, 256, False): (32, 32, 4, 2),
-    (False, False, 256, True): (16, 16, 4, 2),
+    (True, "16-bit", 64, False): (128, 128, 8, 3),
+    (True, "16-bit", 64, True): (128, 32, 8, 3),
+    (True, "16-bit", 128, False): (128, 64, 8, 3),
+    (True, "16-bit", 128, True): (64, 32, 8, 3),
+    (True, "16-bit", 256, False): (64, 16, 8, 3),
+    (True, "16-bit", 256, True): (64, 16, 8, 3),
+    (True, "tf32", 64, False): (128, 32, 8, 3),
+    (True, "tf32", 64, True): (128, 32, 8, 3),
+    (True, "tf32", 128, False): (32, 32, 4, 3),
+    (True, "tf32", 128, True): (32, 32, 4, 3),  # as launched, 3 stages are spill-free (once they spilled)
+    (True, "tf32", 256, False): (32, 32, 4, 3),
+    (True, "tf32", 256, True): (32, 16, 4, 3),
+    (False, "16-bit", 64, False): (128, 64, 8, 2),  # 128x128 spilled 5 in causal once kernels took Stats
+    (False, "16-bit", 64, True): (128, 16, 8, 2),  # 128x32 spilled 2 in window-bool-mask once kernels took Stats
+    (False, "16-bit", 128, False): (64, 32, 4, 2),
+    (False, "16-bit", 128, True): (64, 32, 8, 2),
+    (False, "16-bit", 256, False): (64, 32, 8, 2),
+    (False, "16-bit", 256, True): (64, 16, 8, 2),
+    (False, "tf32", 64, False): (128, 32, 8, 2),
+    (False, "tf32", 64, True): (128, 32, 8, 2),
+    (False, "tf32", 128, False): (32, 32, 4, 2),
+    (False, "tf32", 128, True): (64, 32, 8, 2),
+    (False, "tf32", 256, False): (32, 32, 4, 2),
+    (False, "tf32", 256, True): (16, 16, 4, 2),
 }
 
 
@@ -114,18 +114,18 @@ _FORWARD_TABLE = {
 # float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
 # Not yet tuned by timing on a GPU.
 _BACKWARD_TABLE = {
-    (True, True, 64): ((32, 128, 8, 3, False), (128, 32, 8, 3)),
-    (True, True, 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
-    (True, True, 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
-    (True, False, 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
-    (True, False, 128): ((32, 32, 4, 3, False), (16, 16, 4, 3)),  # dQ 32x16 spilled 2 (window-ragged) with Stats
-    (True, False, 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
-    (False, True, 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
-    (False, True, 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
-    (False, True, 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
-    (False, False, 64): ((32, 32, 4, 2, False), (128, 32, 8, 2)),
-    (False, False, 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
-    (False, False, 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
+    (True, "16-bit", 64): ((32, 128, 8, 3, False), (128, 32, 8, 3)),
+    (True, "16-bit", 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
+    (True, "16-bit", 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
+    (True, "tf32", 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
+    (True, "tf32", 128): ((16, 16, 4, 3, True), (16, 16, 4, 3)),  # as launched: dK/dV 32x32 spilled in varlen
+    (True, "tf32", 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
+    (False, "16-bit", 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
+    (False, "16-bit", 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
+    (False, "16-bit", 256): ((16, 16, 4, 2, False), (32, 16, 4, 2)),
+    (False, "tf32", 64): ((32, 32, 4, 2, False), (128, 32, 8, 2)),
+    (False, "tf32", 128): ((16, 64, 8, 2, False), (32, 16, 4, 2)),
+    (False, "tf32", 256): ((16, 16, 4, 2, True), (16, 16, 4, 2)),
 }
 
 # Where the table's dK/dV tile spills once a score modifier (sliding window, softcap, ALiBi:
@@ -135,10 +135,9 @@ _BACKWARD_TABLE = {
 # alone keep the table's tile, searched spill-free for them. sm_90 float32 up to E = 64 takes 4
 # warps, not 8: with 8 the packed calls' variant (varlen-softcap-alibi-window) spilled 5 registers.
 _BACKWARD_MODIFIED_DKDV = {
-    (True, False, 64): (16, 64, 4, 3, True),
-    (True, False, 128): (16, 32, 4, 3, False),
-    (False, True, 64): (16, 64, 8, 2, True),
-    (False, False, 64): (16, 16, 4, 2, True),
+    (True, "tf32", 64): (16, 64, 4, 3, True),
+    (False, "16-bit", 64): (16, 64, 8, 2, True),
+    (False, "tf32", 64): (16, 16, 4, 2, True),
 }
 
 # Where the dK/dV tile (the table's, or the modified one) spills once dropout is on (a Philox
@@ -148,18 +147,54 @@ _BACKWARD_MODIFIED_DKDV = {
 # (python -m fastattn.fused.aot --kernels dkdv --variants dropout,... --tile ...;
 # benchmarks/results/aot/dropout_triton-3.9.md).
 _BACKWARD_DROPOUT_DKDV = {
-    (True, False, 64): (16, 16, 4, 3, False),
-    (False, True, 64): (16, 32, 4, 2, False),
-    (False, True, 128): (16, 64, 8, 2, False),
-    (False, False, 64): (16, 32, 2, 2, False),
+    (True, "16-bit", 64): (32, 128, 8, 3, True),  # as launched, query-major spilled in varlen-dropout
+    (True, "16-bit", 128): (16, 64, 8, 3, False),
+    (True, "tf32", 64): (16, 16, 4, 3, False),
+    (False, "16-bit", 64): (16, 32, 4, 2, False),
+    (False, "16-bit", 128): (16, 64, 8, 2, False),
+    (False, "tf32", 64): (16, 32, 2, 2, False),
 }
+
+# IEEE fp32 (fp32 inputs with TF32 off, torch's default): tl.dot then runs on the FMA units and
+# keeps its operands in registers, so the 16-bit/TF32 tiles spill, compiled as launched (up to
+# thousands of spill stores). These came from `python -m fastattn.fused.aot --search --dtypes fp32
+# --stages 2` (fused.aot.IEEE_SEARCH_CANDIDATES; benchmarks/results/aot/ieee_search_triton-3.9.md),
+# the first spill-free tile in every variant and padded head dim of the bucket where there is
+# one: the forward and decode everywhere; the backward at E = 128 (dK/dV key-major). At E <= 64
+# and E = 256 no candidate compiled spill-free in every variant (a few spill stores remain, up to
+# 16 in dK/dV at 256: the AOT tests report these, they do not require 0); the E = 128 tiles are used.
+# Eight warps: each thread holds less of the FMA operands than with four.
+_IEEE_FORWARD = {
+    (hopper, bucket, masked): (16, 32, 8, 2) for hopper in (True, False) for bucket in (64, 128, 256)
+    for masked in (True, False)
+}  # fmt: skip
+_IEEE_DECODE = {
+    (True, 64): (16, 32, 4, 2), (True, 128): (16, 32, 8, 2), (True, 256): (16, 32, 8, 2),
+    (False, 64): (16, 32, 4, 2), (False, 128): (16, 32, 4, 2), (False, 256): (16, 32, 8, 2),
+}  # fmt: skip
+_IEEE_BACKWARD = {
+    (hopper, bucket): ((16, 16, 8, 2, True) if bucket == 256 else (16, 32, 8, 2, True), (32, 16, 8, 2))
+    for hopper in (True, False) for bucket in (64, 128, 256)
+}  # fmt: skip
 
 # The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
 # tests' short sequences, and cost little.
 _INTERPRETER_TILE = TileConfig(32, 32, 4, 1)
 
 
-def decode_tile(head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int]) -> TileConfig:
+def _kind(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """The tables' precision key: "16-bit" (fp16/bf16 MMAs), "tf32" (fp32 inputs, TF32 allowed:
+    tensor-core MMAs) or "ieee" (fp32 with TF32 off, torch's default: tl.dot in IEEE fp32, which
+    Triton runs on the FMA units, with registers for operands the MMAs would read from shared
+    memory)."""
+    if dtype != torch.float32:
+        return "16-bit"
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def decode_tile(
+    head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: tuple[int, int], allow_tf32: bool = False
+) -> TileConfig:
     """The forward tile of decode shapes (at most 16 query rows per program, no mask): 16 rows, the
     fewest tl.dot takes (Hopper's warpgroup MMA needs 64, so these use the sm_80 instructions:
     decoding is bound by reading K and V, not by the MMAs), 4 warps, and key blocks as wide as
@@ -167,7 +202,10 @@ def decode_tile(head_dim: int, head_dim_v: int, dtype: torch.dtype, capability: 
     64 keys up to E = 64, 32 at 128, 16 at 256; float32 32. Not yet timed on a GPU."""
     wide = max(head_dim, head_dim_v)
     hopper = capability[0] >= 9
-    if dtype == torch.float32:
+    kind = _kind(dtype, allow_tf32)
+    if kind == "ieee":
+        return TileConfig(*_IEEE_DECODE[(hopper, _bucket(head_dim, head_dim_v))])
+    if kind == "tf32":
         return TileConfig(16, 32, 4, 2 if wide > 128 or not hopper else 3)
     if wide <= 64:
         return TileConfig(16, 64, 4, 3 if hopper else 2)
@@ -183,15 +221,19 @@ def default_forward_config(
     capability: tuple[int, int] | None,
     masked: bool = False,
     decode: bool = False,
+    allow_tf32: bool = False,
 ) -> TileConfig:
     """The built-in forward choice. head_dim/head_dim_v are padded; capability None = Triton's
-    interpreter; decode: at most 16 query rows per program and no mask (:func:`decode_tile`)."""
+    interpreter; decode: at most 16 query rows per program and no mask (:func:`decode_tile`);
+    allow_tf32: fp32 matmuls may use TF32 (else IEEE fp32: :data:`_IEEE_FORWARD`)."""
     if capability is None:
         return _INTERPRETER_TILE
     if decode:
-        return decode_tile(head_dim, head_dim_v, dtype, capability)
-    key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v), masked)
-    return TileConfig(*_FORWARD_TABLE[key])
+        return decode_tile(head_dim, head_dim_v, dtype, capability, allow_tf32)
+    kind, bucket = _kind(dtype, allow_tf32), _bucket(head_dim, head_dim_v)
+    if kind == "ieee":
+        return TileConfig(*_IEEE_FORWARD[(capability[0] >= 9, bucket, masked)])
+    return TileConfig(*_FORWARD_TABLE[(capability[0] >= 9, kind, bucket, masked)])
 
 
 def default_backward_config(
@@ -202,14 +244,20 @@ def default_backward_config(
     masked: bool = False,
     modified: bool = False,
     dropout: bool = False,
+    allow_tf32: bool = False,
 ) -> BackwardConfig:
     """The built-in backward choice (the forward's arguments, plus modified: a score modifier or
     dropout is on; dropout: dropout is). Each table entry was searched spill-free in every variant
     of the mask-and-causal kernels, masked ones included (masked changes nothing); modified takes
-    _BACKWARD_MODIFIED_DKDV's dK/dV tile where there is one, dropout _BACKWARD_DROPOUT_DKDV's."""
+    _BACKWARD_MODIFIED_DKDV's dK/dV tile where there is one, dropout _BACKWARD_DROPOUT_DKDV's.
+    IEEE fp32 (allow_tf32 False) takes :data:`_IEEE_BACKWARD`."""
     if capability is None:
         return BackwardConfig(_INTERPRETER_TILE, _INTERPRETER_TILE)
-    key = (capability[0] >= 9, dtype != torch.float32, _bucket(head_dim, head_dim_v))
+    kind, bucket = _kind(dtype, allow_tf32), _bucket(head_dim, head_dim_v)
+    if kind == "ieee":
+        dkdv, dq = _IEEE_BACKWARD[(capability[0] >= 9, bucket)]
+        return BackwardConfig(TileConfig(*dkdv), TileConfig(*dq))
+    key = (capability[0] >= 9, kind, bucket)
     dkdv, dq = _BACKWARD_TABLE[key]
     if modified:
         dkdv = _BACKWARD_MODIFIED_DKDV.get(key, dkdv)
@@ -224,7 +272,8 @@ def preprocess_config(head_dim_v: int) -> TileConfig:
     return TileConfig(max(16, 2048 // head_dim_v), 0, 4, 1)
 
 
-# (padded head_dim, padded head_dim_v, dtype, capability) the dispatcher can meet on sm_80 and sm_90.
+# (padded head_dim, padded head_dim_v, dtype, capability) the dispatcher can meet on sm_80 and sm_90
+# (fp32 twice over: with TF32 and without, the allow_tf32 keyword).
 CONFIG_SPACE = [
     (hd, hdv, dtype, cap)
     for cap in ((8, 0), (9, 0))
@@ -260,11 +309,13 @@ def forward_config(
     capability: tuple[int, int] | None,
     masked: bool = False,
     decode: bool = False,
+    allow_tf32: bool = False,
 ) -> TileConfig:
     """The forward tiles the launcher uses (the built-in choice unless replaced); masked: the scores
     get element-wise work beyond causality (a tensor attn_mask or a score modifier); decode: at
-    most 16 query rows per program, no mask (a replacement function gets it if it declares it)."""
-    return _config("forward", head_dim, head_dim_v, dtype, capability, masked, decode=decode)
+    most 16 query rows per program, no mask; allow_tf32: fp32 matmuls may use TF32 (torch's flag;
+    a replacement function gets decode and allow_tf32 if it declares them)."""
+    return _config("forward", head_dim, head_dim_v, dtype, capability, masked, decode=decode, allow_tf32=allow_tf32)
 
 
 def backward_config(
@@ -275,11 +326,16 @@ def backward_config(
     masked: bool = False,
     modified: bool = False,
     dropout: bool = False,
+    allow_tf32: bool = False,
 ) -> BackwardConfig:
     """The backward tiles the launcher uses (the built-in choice unless replaced); masked: a tensor
-    attn_mask, modified: a score modifier or dropout, dropout: dropout (a replacement function gets
-    `modified` and `dropout` if it declares them)."""
-    return _config("backward", head_dim, head_dim_v, dtype, capability, masked, modified=modified, dropout=dropout)
+    attn_mask, modified: a score modifier or dropout, dropout: dropout, allow_tf32: fp32 matmuls
+    may use TF32 (a replacement function gets `modified`, `dropout` and `allow_tf32` if it
+    declares them)."""
+    return _config(
+        "backward", head_dim, head_dim_v, dtype, capability, masked, modified=modified, dropout=dropout,
+        allow_tf32=allow_tf32,
+    )  # fmt: skip
 
 
 def set_forward_config(fn: Callable[..., TileConfig] | None) -> None:

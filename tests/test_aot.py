@@ -2,10 +2,12 @@
 interpreter cannot see (shared memory, registers, spills, tensor-core instructions).
 
 Compilation needs triton's compiled flavour, so it runs in a subprocess with TRITON_INTERPRET=0
-(this process may have the interpreter on). The default run covers, for float16 and float32, every
-padded head dim with E == Ev of the forward in every variant, and the backward kernels at head dims
-64, 128, 256 in the main variants, and the score modifiers' variants; `--runslow` adds bfloat16,
-every (E, Ev) pair and every backward variant.
+(this process may have the interpreter on). Kernels compile as launched (fused.aot.compile_launch:
+triton's own specialisation). The default run covers, for float16 and float32 both with TF32 off
+("fp32": IEEE matmuls, torch's default) and on ("tf32"), every padded head dim with E == Ev of the
+forward in the main variants, and the backward kernels at head dims 64, 128, 256 in the main
+variants, and the score modifiers', packed, decode and dropout variants; `--runslow` adds bfloat16,
+every (E, Ev) pair and every variant.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.aot
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -46,13 +49,21 @@ def _compile(*args: str) -> list[dict]:
     return rows
 
 
+def required_spill_free(r: dict) -> bool:
+    """Every compiled kernel must be spill-free but these, which are reported (configs.py says
+    why): the backward kernels at head dim 256, and the IEEE fp32 backward kernels but at 128 (no
+    candidate tile compiled spill-free in every variant there: fused.aot --search)."""
+    backward = r["variant"].startswith(("dkdv", "dq"))
+    return not (backward and (r["head_dim"] >= 256 or (r["dtype"] == "fp32" and r["head_dim"] != 128)))
+
+
 def _check_spill_free(rows: list[dict]) -> None:
-    spilling = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
+    spilling = [r for r in rows if (r["spill_stores"] or r["spill_loads"]) and required_spill_free(r)]
     assert not spilling, f"{len(spilling)} configurations spill registers to local memory: {spilling[:3]}"
     # On sm_90 the 16-bit kernels with tiles must use Hopper's warpgroup MMA (HGMMA), not the sm_80 path.
     # Decode tiles have 16 rows, fewer than the warpgroup MMA takes (configs.decode_tile).
     tiled = [r for r in rows if not r["variant"].startswith(("preprocess", "combine")) and r["block_m"] >= 64]
-    no_wgmma = [r for r in tiled if r["arch"] == 90 and r["dtype"] != "fp32" and not r["hgmma"]]
+    no_wgmma = [r for r in tiled if r["arch"] == 90 and r["dtype"] in ("fp16", "bf16") and not r["hgmma"]]
     assert not no_wgmma, f"sm_90 16-bit kernels without HGMMA: {no_wgmma[:3]}"
 
 
@@ -66,17 +77,17 @@ SPILL_FREE_VARIANTS = (
 
 
 def test_every_dispatched_forward_config_compiles():
-    _check_spill_free(_compile("--kernels", "forward", "--dtypes", "fp16,fp32", "--variants", FORWARD_VARIANTS))
+    _check_spill_free(_compile("--kernels", "forward", "--dtypes", "fp16,fp32,tf32", "--variants", FORWARD_VARIANTS))
 
 
 def test_backward_kernels_compile_for_sm80_sm90():
-    """Every built-in backward config (fp16, fp32; head dims 64, 128, 256) in the main variants:
-    shared memory fits; no spills at head dims 64 and 128 (256: reported only)."""
+    """Every built-in backward config (fp16, fp32, tf32; head dims 64, 128, 256) in the main
+    variants: shared memory fits; no spills but where :func:`required_spill_free` reports them."""
     rows = _compile(
-        "--kernels", "dkdv,dq,preprocess", "--dtypes", "fp16,fp32", "--head-dims", "64,128,256",
+        "--kernels", "dkdv,dq,preprocess", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256",
         "--variants", "plain,causal-ragged,bool-mask-ragged,float-mask-causal",
     )  # fmt: skip
-    _check_spill_free([r for r in rows if r["head_dim"] < 256])
+    _check_spill_free(rows)
 
 
 MODIFIER_VARIANTS = "window-ragged,window-bool-mask,softcap-alibi-window"
@@ -85,12 +96,12 @@ MODIFIER_VARIANTS = "window-ragged,window-bool-mask,softcap-alibi-window"
 def test_modifier_variants_compile_spill_free():
     """The score modifiers' kernels (a window's gap-skipping ranges with ragged lengths, a window
     with a mask's block lists, softcap + ALiBi + window at once), forward at every bucket's head
-    dim and backward at 64 and 128, fp16 and fp32: no spills, shared memory fits."""
+    dim and backward at 64 and 128, fp16, fp32 and tf32: no spills (but required_spill_free), shared memory fits."""
     forward = _compile(
-        "--kernels", "forward", "--dtypes", "fp16,fp32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS
+        "--kernels", "forward", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS
     )  # fmt: skip
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -104,12 +115,12 @@ def test_varlen_and_decode_variants_compile_spill_free():
     contiguous and paged caches (the forward with SPLIT_KV and PAGED, and the combine kernel), fp16
     and fp32, head dims 64, 128, 256 (backward: 64, 128): no spills, shared memory fits."""
     forward = _compile(
-        "--kernels", "forward,combine", "--dtypes", "fp16,fp32", "--head-dims", "64,128,256",
+        "--kernels", "forward,combine", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256",
         "--variants", f"{VARLEN_VARIANTS},{DECODE_VARIANTS}",
     )  # fmt: skip
     assert {r["variant"] for r in forward} >= {"split-decode", "combine:paged-split-decode", "varlen-causal"}
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -119,11 +130,11 @@ DROPOUT_VARIANTS = "dropout-causal-ragged,dropout-softcap-alibi-window,varlen-dr
 
 def test_dropout_variants_compile_spill_free():
     """The dropout kernels (a Philox4x32-10 call per score: the forward, dK/dV and dQ), causal and
-    ragged, with softcap + ALiBi + window, packed, on sm_90 (fp16, fp32; head dims 64, 128): no
+    ragged, with softcap + ALiBi + window, packed, on sm_90 (fp16, fp32, tf32; head dims 64, 128): no
     spills, shared memory fits. sm_80 and the other dropout variants: the slow runs and
     benchmarks/results/aot/dropout_triton-*.md."""
     rows = _compile(
-        "--kernels", "forward,dkdv,dq", "--archs", "90", "--dtypes", "fp16,fp32", "--head-dims", "64,128",
+        "--kernels", "forward,dkdv,dq", "--archs", "90", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128",
         "--variants", DROPOUT_VARIANTS,
     )  # fmt: skip
     _check_spill_free(rows)
@@ -133,7 +144,7 @@ def test_large_offsets_variants_compile():
     """The 64-bit-offset kernels (LARGE_OFFSETS=True, planned for a KV view whose rows lie 2**21
     elements apart) compile and fit for every kernel; their spills are reported, not required to be 0
     (the tiles are chosen for the 32-bit path, which nearly every call takes)."""
-    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "128", "--variants", "large-offsets")
+    rows = _compile("--dtypes", "fp16,fp32,tf32", "--head-dims", "128", "--variants", "large-offsets")
     assert {r["variant"].split(":")[0] for r in rows} >= {"large-offsets", "dkdv", "dq", "preprocess"}
 
 
@@ -184,4 +195,4 @@ def test_every_dispatched_config_compiles_all_pairs_and_variants():
 @pytest.mark.slow
 def test_backward_kernels_compile_all_variants():
     rows = _compile("--kernels", "dkdv,dq,preprocess", "--variants", SPILL_FREE_VARIANTS)
-    _check_spill_free([r for r in rows if r["head_dim"] < 256])
+    _check_spill_free(rows)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from fastattn import configs
@@ -20,6 +21,7 @@ from fastattn.fused import precompile
 from fastattn.problem import canonicalize
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.aot
 REPLAY = ROOT / "fastattn" / "fused" / "replay.py"
 H200 = pl.Target((9, 0))
 

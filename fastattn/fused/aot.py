@@ -326,39 +326,82 @@ TABLE_HEADER = (
 
 # Tile candidates of --search, best first: (BLOCK_M, BLOCK_N, warps). For dK/dV a wider key block
 # (BLOCK_N) means fewer passes over Q and dO (each program reads all of them once), so BLOCK_N leads;
-# for dQ the query block (BLOCK_M) leads, for the same reason with K and V.
+# for dQ the query block (BLOCK_M) leads, for the same reason with K and V. IEEE fp32 ("fp32":
+# tl.dot on the FMA units, operands in registers) has its own, smaller lists; decode tiles keep
+# 16 query rows (configs.decode_tile).
 SEARCH_CANDIDATES = {
     "dkdv": [(32, 128, 8), (16, 128, 8), (64, 64, 8), (32, 64, 8), (16, 64, 8), (32, 64, 4), (16, 64, 4),
              (32, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4)],
     "dq": [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (32, 16, 4), (16, 16, 4)],
+    "forward": [(128, 64, 8), (128, 32, 8), (64, 64, 8), (64, 32, 8), (64, 32, 4), (32, 32, 4), (32, 16, 4),
+                (16, 16, 4)],
+    "decode": [(16, 64, 4), (16, 32, 4), (16, 16, 4)],
+}  # fmt: skip
+IEEE_SEARCH_CANDIDATES = {
+    "dkdv": [(32, 32, 8), (16, 32, 8), (32, 32, 4), (16, 32, 4), (16, 16, 8), (16, 16, 4)],
+    "dq": [(32, 32, 8), (32, 16, 8), (32, 32, 4), (16, 32, 8), (16, 16, 8), (16, 16, 4)],
+    "forward": [(64, 32, 8), (32, 32, 8), (64, 32, 4), (32, 32, 4), (16, 32, 8), (32, 16, 4), (16, 32, 4),
+                (16, 16, 8), (16, 16, 4)],
+    "decode": [(16, 32, 4), (16, 32, 8), (16, 16, 4), (16, 16, 8)],
 }  # fmt: skip
 # The padded head dims that share a config bucket (the table is keyed by the largest): a tile must
 # compile spill-free for each (ptxas spilled at E=32 where the same tile was clean at E=64).
 BUCKET_HEAD_DIMS = {64: (64, 32, 16), 128: (128,), 256: (256,)}
 
 
+def search_variants(kernel: str) -> list[str]:
+    """The SPILL_FREE_VARIANTS a search of `kernel` compiles, those that most often spill first (a
+    failing candidate is dropped at its first failing chunk): "decode" the split-KV decode
+    variants, "forward" the others, the backward kernels those a backward runs."""
+    decode = [v for v in SPILL_FREE_VARIANTS if VARIANTS[v].splits > 1 or VARIANTS[v].paged]
+    if kernel == "decode":
+        names = decode
+    elif kernel == "forward":
+        names = [v for v in SPILL_FREE_VARIANTS if v not in decode]
+    else:
+        names = [v for v in SPILL_FREE_VARIANTS if v not in FORWARD_ONLY_VARIANTS]
+    return sorted(names, key=lambda v: ("varlen" not in v, "ragged" not in v, v))
+
+
+def _spill_free(rows: list[dict]) -> bool:
+    return all(r["spill_stores"] == r["spill_loads"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in rows)
+
+
 def search_tiles(
-    kernel: str, precision: str, head_dim: int, arch: int, stages: int, pool
+    kernel: str,
+    precision: str,
+    head_dim: int,
+    arch: int,
+    stages: int,
+    pool,
+    jobs: int = 2,
+    variants: list[str] | None = None,
 ) -> list[tuple[TileConfig, list[dict]]]:
-    """Compile SEARCH_CANDIDATES[kernel] in order (dK/dV: each tile query-major, then key-major);
-    stop at the first whose SPILL_FREE_VARIANTS all compile without spills (ptxas sometimes caps a
-    cheaper variant at 128 registers and spills where a costlier one does not) and fit in shared
-    memory, for every head dim of head_dim's bucket (BUCKET_HEAD_DIMS; a candidate is dropped at
-    its first failing head dim). Returns every (tile, reports of one head dim) tried, the chosen
-    one last (unless none fit)."""
+    """Compile the candidates (SEARCH_CANDIDATES[kernel], IEEE_SEARCH_CANDIDATES for "fp32") in
+    order (dK/dV: each tile query-major, then key-major); stop at the first that compiles without
+    spills (ptxas sometimes caps a cheaper variant at 128 registers and spills where a costlier
+    one does not) and fits in shared memory in every :func:`search_variants` variant and every
+    head dim of head_dim's bucket (BUCKET_HEAD_DIMS). Variants compile `jobs` at a time; a
+    candidate is dropped at its first failing chunk. Returns every (tile, reports of one head dim)
+    tried, the chosen one last (unless none fit). "decode" searches the forward kernel's decode tile;
+    `variants` replaces search_variants' (e.g. the dropout variants, for a dropout-only tile)."""
     tried = []
+    table = IEEE_SEARCH_CANDIDATES if precision == "fp32" else SEARCH_CANDIDATES
+    compiled_kernel = "forward" if kernel == "decode" else kernel
     orientations = (False, True) if kernel == "dkdv" else (False,)
-    for bm, bn, warps in SEARCH_CANDIDATES[kernel]:
+    variants = variants or search_variants(kernel)
+    for bm, bn, warps in table[kernel]:
         for key_major in orientations:
             tile = TileConfig(bm, bn, warps, stages, key_major)
             for hd in BUCKET_HEAD_DIMS.get(head_dim, (head_dim,)):
-                rows = list(
-                    pool.map(_compile_job, [(kernel, precision, hd, hd, arch, v, tile) for v in SPILL_FREE_VARIANTS])
-                )
+                rows = []
+                for i in range(0, len(variants), jobs):
+                    chunk = [(compiled_kernel, precision, hd, hd, arch, v, tile) for v in variants[i : i + jobs]]
+                    rows += pool.map(_compile_job, chunk)
+                    if not _spill_free(rows):
+                        break
                 tried.append((tile, rows))
-                if not all(
-                    r["spill_stores"] == r["spill_loads"] == 0 and r["shared_bytes"] <= r["shared_limit"] for r in rows
-                ):
+                if not _spill_free(rows):
                     break
             else:
                 return tried
@@ -366,24 +409,28 @@ def search_tiles(
 
 
 def _search_main(args, pool) -> int:
-    cols = " | ".join(SPILL_FREE_VARIANTS)
-    print(f"| kernel | arch | dtype | E | BM | BN | warps | stages | key-major | {cols} | spill-free |")
-    print(f"|---|---|---|---|---|---|---|---|---|{'---|' * len(SPILL_FREE_VARIANTS)}---|")
+    variants = None if not args.variants else (list(VARIANTS) if args.variants == "all" else args.variants.split(","))
+    print(
+        "| kernel | arch | dtype | E | BM | BN | warps | stages | key-major | compiles | worst variant | spill-free |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kernel in args.kernels.split(","):
         for arch in (int(a) for a in args.archs.split(",")):
             for dt in args.dtypes.split(","):
+                stages = args.stages or (3 if arch >= 90 else 2)
                 for hd in (int(h) for h in args.head_dims.split(",")):
-                    for t, rows in search_tiles(kernel, dt, hd, arch, 3 if arch >= 90 else 2, pool):
-                        cells = " | ".join(
-                            f"{g['registers']} regs, {g['spill_stores']}/{g['spill_loads']} spills"
-                            + ("" if g["shared_bytes"] <= g["shared_limit"] else ", over shared")
-                            for g in rows
+                    found = search_tiles(kernel, dt, hd, arch, stages, pool, max(1, args.jobs), variants)
+                    for t, rows in found:
+                        worst = max(rows, key=lambda g: (g["spill_stores"] + g["spill_loads"], g["registers"]))
+                        note = (
+                            f"{worst['variant']}: {worst['registers']} regs, "
+                            f"{worst['spill_stores']}/{worst['spill_loads']} spills"
+                            + ("" if worst["shared_bytes"] <= worst["shared_limit"] else ", over shared")
                         )
-                        ok = all(g["spill_stores"] == g["spill_loads"] == 0 for g in rows)
                         print(
                             f"| {kernel} | sm_{arch} | {dt} | {rows[0]['head_dim']} | {t.block_m} | {t.block_n} | "
-                            f"{t.num_warps} | {t.num_stages} | {'yes' if t.key_major else 'no'} | {cells} | "
-                            f"{'yes' if ok else ''} |",
+                            f"{t.num_warps} | {t.num_stages} | {'yes' if t.key_major else 'no'} | {len(rows)} | "
+                            f"{note} | {'yes' if _spill_free(rows) else ''} |",
                             flush=True,
                         )
     return 0
@@ -392,7 +439,10 @@ def _search_main(args, pool) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn.fused.aot", description=__doc__.splitlines()[0])
     parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {','.join(KERNELS)}")
-    parser.add_argument("--variants", default="plain", help=f"comma list of {','.join(VARIANTS)}, or 'all'")
+    parser.add_argument(
+        "--variants", default="",
+        help=f"comma list of {','.join(VARIANTS)}, or 'all' (default: plain; --search: each kernel's search_variants)",
+    )  # fmt: skip
     parser.add_argument(
         "--dtypes",
         default="fp16,bf16,fp32,tf32",
@@ -407,10 +457,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--search",
         action="store_true",
-        help="for each backward kernel (dkdv, dq), arch, dtype and head-dim bucket, find the first tile of "
-        "SEARCH_CANDIDATES that is spill-free in every variant and head dim of the bucket (sm_90: 3 stages, "
-        "sm_80: 2); print every compile tried (the chosen tile's rows come last)",
+        help="for each kernel (forward, decode, dkdv, dq), arch, dtype and head-dim bucket, find the first tile "
+        "of SEARCH_CANDIDATES (fp32: IEEE_SEARCH_CANDIDATES) that is spill-free in every variant and head dim "
+        "of the bucket (stages: --stages, else sm_90 3, sm_80 2); print each candidate tried (the chosen last)",
     )
+    parser.add_argument("--stages", type=int, default=0, help="pipeline stages of --search's candidates")
     args = parser.parse_args(argv)
     for h in args.head_dims.split(","):
         if padded_head_dim(int(h)) != int(h):
@@ -418,7 +469,7 @@ def main(argv=None) -> int:
     with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         if args.search:
             return _search_main(args, pool)
-        variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+        variants = list(VARIANTS) if args.variants == "all" else (args.variants or "plain").split(",")
         tile = TileConfig(*(int(x) for x in args.tile.split(","))) if args.tile else None
         dims = [int(d) for d in args.head_dims.split(",")]
         pairs = [(a, b) for a in dims for b in dims] if args.all_pairs else [(d, d) for d in dims]

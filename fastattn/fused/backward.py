@@ -21,7 +21,7 @@ def choose_config(p: Problem, target: pl.Target) -> BackwardConfig:
     dims = pl.head_dim_constexprs(p)
     return backward_config(
         dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=p.mask is not None,
-        modified=pl.modified_scores(p), dropout=p.rng is not None,
+        modified=pl.modified_scores(p), dropout=p.rng is not None, allow_tf32=target.allow_tf32,
     )  # fmt: skip
 
 

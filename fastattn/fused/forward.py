@@ -59,7 +59,7 @@ def plan_forward(
     if config is None:
         config = forward_config(
             dims["HEAD_DIM"], dims["HEAD_DIM_V"], p.dtype, target.capability, masked=pl.masked_tiles(p),
-            decode=p.mask is None and pl.program_rows(p) <= DECODE_ROWS,
+            decode=p.mask is None and pl.program_rows(p) <= DECODE_ROWS, allow_tf32=target.allow_tf32,
         )  # fmt: skip
     packing_args, packing_flags = pl.packing_launch_args(p)
     if packing_flags["PAGED"]:  # a key block must lie in one page
