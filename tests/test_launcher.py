@@ -220,3 +220,40 @@ def test_input_precision_follows_allow_tf32():
 def test_padded_head_dim(E):
     d = configs.padded_head_dim(E)
     assert d >= max(16, E) and d & (d - 1) == 0 and d < 2 * max(16, E)
+
+
+def test_fp32_tiles_follow_torchs_tf32_flag():
+    """fp32 launches on a GPU pick their tiles by precision: TF32 allowed (tensor-core MMAs) or not
+    (IEEE fp32 on the FMA units: smaller tiles, 8 warps); 16-bit inputs ignore the flag. The plan
+    carries the matching input precision; a replacement config function that declares
+    allow_tf32 gets it."""
+    from fastattn.fused import plumbing as pl
+    from fastattn.fused.forward import plan_forward
+    from fastattn.problem import canonicalize
+
+    ieee = configs.forward_config(128, 128, torch.float32, (9, 0))
+    tf32 = configs.forward_config(128, 128, torch.float32, (9, 0), allow_tf32=True)
+    assert ieee != tf32 and ieee.num_warps == 8
+    half = [configs.forward_config(128, 128, torch.float16, (9, 0), allow_tf32=a) for a in (False, True)]
+    assert half[0] == half[1]
+    assert configs.backward_config(128, 128, torch.float32, (9, 0)) != configs.backward_config(
+        128, 128, torch.float32, (9, 0), allow_tf32=True
+    )
+    q, k, v = (torch.empty(1, 2, 256, 128, device="meta") for _ in range(3))
+    p = canonicalize(q, k, v)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, 256, device="meta")
+    for allow, tile, precision in ((False, ieee, "ieee"), (True, tf32, "tf32")):
+        (launch,) = plan_forward(p, out, lse, target=pl.Target((9, 0), allow_tf32=allow))
+        assert (launch.tile, launch.constexprs["INPUT_PRECISION"]) == (tile, precision)
+    seen = []
+
+    def mine(head_dim, head_dim_v, dtype, capability, masked=False, allow_tf32=False):
+        seen.append(allow_tf32)
+        return configs.TileConfig(16, 16, 4, 1)
+
+    configs.set_forward_config(mine)
+    try:
+        plan_forward(p, out, lse, target=pl.Target((9, 0), allow_tf32=True))
+    finally:
+        configs.set_forward_config(None)
+    assert seen == [True]

@@ -565,8 +565,8 @@ def test_backward_config_hears_of_modifiers():
     finally:
         configs.set_backward_config(None)
     assert seen == [False, True, True, "older", "older", "older"]
-    plain = configs.default_backward_config(64, 64, torch.float32, (8, 0))
-    modified = configs.default_backward_config(64, 64, torch.float32, (8, 0), modified=True)
+    plain = configs.default_backward_config(64, 64, torch.float32, (8, 0), allow_tf32=True)
+    modified = configs.default_backward_config(64, 64, torch.float32, (8, 0), modified=True, allow_tf32=True)
     assert plain.dkdv != modified.dkdv and plain.dq == modified.dq
 
 
