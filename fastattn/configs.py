@@ -70,9 +70,11 @@ def _bucket(head_dim: int, head_dim_v: int) -> int:
     return next(b for b in (64, 128, 256) if max(head_dim, head_dim_v) <= b)
 
 
-# (Hopper or newer, 16-bit inputs, head-dim bucket, tensor mask) -> (BLOCK_M, BLOCK_N, warps, stages).
-# Chosen as the largest tiles that compile without register spills (python -m fastattn.fused.aot, triton
-# 3.9; the tests re-check every entry). Masked kernels load a (BLOCK_M, BLOCK_N) mask tile and
+# (Hopper or newer, precision, head-dim bucket, tensor mask) -> (BLOCK_M, BLOCK_N, warps, stages);
+# precision "16-bit" (fp16 and bf16) or "tf32" (fp32 with TF32 allowed; IEEE fp32 has _IEEE_FORWARD).
+# Chosen as the largest tiles that compile without register spills, compiled as launched
+# (python -m fastattn.fused.aot: triton's own specialisation; triton 3.6 and 3.9, the tests
+# re-check every entry; benchmarks/results/aot/as_launched_triton-3.9.md). Masked kernels load a (BLOCK_M, BLOCK_N) mask tile and
 # convert its layout, which costs registers: they get narrower key blocks, and so do the score
 # modifiers' kernels (sliding window, softcap, ALiBi: fused.plumbing.masked_tiles), whose wider
 # tiles spilled. Not yet tuned by timing on a GPU.
@@ -104,13 +106,14 @@ _FORWARD_TABLE = {
 }
 
 
-# (Hopper or newer, 16-bit inputs, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
+# (Hopper or newer, precision as above, head-dim bucket) -> ((dK/dV tiles), (dQ tiles)): dK/dV
 # (BLOCK_M, BLOCK_N, warps, stages, key_major), dQ (BLOCK_M, BLOCK_N, warps, stages). dK/dV: the
 # first tile of fused.aot.SEARCH_CANDIDATES (widest key block first) that compiles without register
 # spills in every kernel variant (causal, ragged L/S, padded head dims, bool/float masks) and every
 # padded head dim of the bucket (16, 32, 64 share the 64 entry), query-major
 # tried before key-major, found with triton 3.9 by `python -m fastattn.fused.aot --search`
-# (benchmarks/results/aot/backward_search_triton-3.9.md).
+# (benchmarks/results/aot/backward_search_triton-3.9.md), and re-searched where a tile spilled
+# once compiled as launched (the entries marked so; benchmarks/results/aot/as_launched_*.md).
 # float16 stands for both 16-bit dtypes. dQ: the largest spill-free tiles of the same variants.
 # Not yet tuned by timing on a GPU.
 _BACKWARD_TABLE = {
@@ -118,7 +121,7 @@ _BACKWARD_TABLE = {
     (True, "16-bit", 128): ((32, 64, 8, 3, False), (64, 32, 8, 3)),
     (True, "16-bit", 256): ((32, 32, 8, 3, False), (32, 16, 4, 3)),
     (True, "tf32", 64): ((32, 128, 8, 3, True), (128, 32, 8, 3)),
-    (True, "tf32", 128): ((16, 16, 4, 3, True), (16, 16, 4, 3)),  # as launched: dK/dV 32x32 spilled in varlen
+    (True, "tf32", 128): ((16, 16, 4, 3, True), (32, 32, 4, 3)),  # as launched, dK/dV 32x32, dQ 16x16 spilled
     (True, "tf32", 256): ((32, 32, 8, 3, False), (16, 16, 4, 3)),
     (False, "16-bit", 64): ((16, 64, 8, 2, False), (128, 32, 8, 2)),
     (False, "16-bit", 128): ((32, 64, 8, 2, False), (64, 32, 8, 2)),
@@ -162,20 +165,25 @@ _BACKWARD_DROPOUT_DKDV = {
 # the first spill-free tile in every variant and padded head dim of the bucket where there is
 # one: the forward and decode everywhere; the backward at E = 128 (dK/dV key-major). At E <= 64
 # and E = 256 no candidate compiled spill-free in every variant (a few spill stores remain, up to
-# 16 in dK/dV at 256: the AOT tests report these, they do not require 0); the E = 128 tiles are used.
-# Eight warps: each thread holds less of the FMA operands than with four.
+# 16 in dK/dV at 256: the AOT tests report these, they do not require 0); the E = 128 tiles are used
+# there (dK/dV at 256: the fewest spills found). Eight warps: each thread holds less of the FMA
+# operands than with four. sm_80 searched apart where the sm_90 tile spilled there.
 _IEEE_FORWARD = {
-    (hopper, bucket, masked): (16, 32, 8, 2) for hopper in (True, False) for bucket in (64, 128, 256)
-    for masked in (True, False)
+    (hopper, bucket, masked): (32, 32, 8, 2) if (not hopper and bucket == 64) else (16, 32, 8, 2)
+    for hopper in (True, False) for bucket in (64, 128, 256) for masked in (True, False)
 }  # fmt: skip
 _IEEE_DECODE = {
     (True, 64): (16, 32, 4, 2), (True, 128): (16, 32, 8, 2), (True, 256): (16, 32, 8, 2),
     (False, 64): (16, 32, 4, 2), (False, 128): (16, 32, 4, 2), (False, 256): (16, 32, 8, 2),
 }  # fmt: skip
-_IEEE_BACKWARD = {
-    (hopper, bucket): ((16, 16, 8, 2, True) if bucket == 256 else (16, 32, 8, 2, True), (32, 16, 8, 2))
-    for hopper in (True, False) for bucket in (64, 128, 256)
-}  # fmt: skip
+_IEEE_BACKWARD = {  # ((dK/dV), (dQ))
+    (True, 64): ((16, 32, 8, 2, True), (32, 16, 8, 2)),
+    (True, 128): ((16, 32, 8, 2, True), (32, 16, 8, 2)),
+    (True, 256): ((16, 16, 8, 2, True), (32, 16, 8, 2)),
+    (False, 64): ((32, 32, 8, 2, True), (16, 16, 8, 2)),
+    (False, 128): ((32, 32, 8, 2, True), (16, 16, 8, 2)),
+    (False, 256): ((16, 16, 8, 2, True), (16, 16, 8, 2)),
+}
 
 # The interpreter runs each program in numpy: small tiles exercise the multi-block logic on the
 # tests' short sequences, and cost little.
