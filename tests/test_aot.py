@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,10 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _compile(*args: str) -> list[dict]:
+    """fused.aot's JSON rows for `args`; FASTATTN_AOT_ARCHS (e.g. "90") narrows the archs of the
+    calls that do not name theirs (CI's triton 3.6 stack: the lent H200's sm_90)."""
+    if "--archs" not in args and os.environ.get("FASTATTN_AOT_ARCHS"):
+        args = (*args, "--archs", os.environ["FASTATTN_AOT_ARCHS"])
     proc = _run(["-m", "fastattn.fused.aot", "--json", *args])
     if proc.returncode not in (0, 1):
         pytest.fail(f"fastattn.fused.aot failed:\n{proc.stderr[-4000:]}")
@@ -49,12 +54,21 @@ def _compile(*args: str) -> list[dict]:
     return rows
 
 
+TRITON = tuple(int(x) for x in version("triton").split(".")[:2])
+
+
 def required_spill_free(r: dict) -> bool:
     """Every compiled kernel must be spill-free but these, which are reported (configs.py says
     why): the backward kernels at head dim 256, and the IEEE fp32 backward kernels but at 128 (no
-    candidate tile compiled spill-free in every variant there: fused.aot --search)."""
+    candidate tile compiled spill-free in every variant there: fused.aot --search). The tables are
+    derived with triton 3.9; with an older triton (3.6: the lent H200 machine's) its sm_90 16-bit
+    kernels below head dim 256 are required spill-free (their tiles were searched with 3.6 too)
+    and the rest is reported (benchmarks/results/aot/as_launched_triton-3.6.md lists what spills
+    there: no forward tile tried at 256 compiled spill-free in every variant with 3.6)."""
     backward = r["variant"].startswith(("dkdv", "dq"))
-    return not (backward and (r["head_dim"] >= 256 or (r["dtype"] == "fp32" and r["head_dim"] != 128)))
+    if backward and (r["head_dim"] >= 256 or (r["dtype"] == "fp32" and r["head_dim"] != 128)):
+        return False
+    return TRITON >= (3, 9) or (r["arch"] == 90 and r["dtype"] in ("fp16", "bf16") and r["head_dim"] < 256)
 
 
 def _check_spill_free(rows: list[dict]) -> None:

@@ -376,6 +376,7 @@ def search_tiles(
     pool,
     jobs: int = 2,
     variants: list[str] | None = None,
+    candidates: list[tuple[int, int, int]] | None = None,
 ) -> list[tuple[TileConfig, list[dict]]]:
     """Compile the candidates (SEARCH_CANDIDATES[kernel], IEEE_SEARCH_CANDIDATES for "fp32") in
     order (dK/dV: each tile query-major, then key-major); stop at the first that compiles without
@@ -384,13 +385,14 @@ def search_tiles(
     head dim of head_dim's bucket (BUCKET_HEAD_DIMS). Variants compile `jobs` at a time; a
     candidate is dropped at its first failing chunk. Returns every (tile, reports of one head dim)
     tried, the chosen one last (unless none fit). "decode" searches the forward kernel's decode tile;
-    `variants` replaces search_variants' (e.g. the dropout variants, for a dropout-only tile)."""
+    `variants` replaces search_variants' (e.g. the dropout variants, for a dropout-only tile) and
+    `candidates` the candidate list."""
     tried = []
     table = IEEE_SEARCH_CANDIDATES if precision == "fp32" else SEARCH_CANDIDATES
     compiled_kernel = "forward" if kernel == "decode" else kernel
     orientations = (False, True) if kernel == "dkdv" else (False,)
     variants = variants or search_variants(kernel)
-    for bm, bn, warps in table[kernel]:
+    for bm, bn, warps in candidates or table[kernel]:
         for key_major in orientations:
             tile = TileConfig(bm, bn, warps, stages, key_major)
             for hd in BUCKET_HEAD_DIMS.get(head_dim, (head_dim,)):
@@ -410,6 +412,7 @@ def search_tiles(
 
 def _search_main(args, pool) -> int:
     variants = None if not args.variants else (list(VARIANTS) if args.variants == "all" else args.variants.split(","))
+    candidates = [tuple(int(x) for x in c.split(",")) for c in args.candidates.split(";") if c] or None
     print(
         "| kernel | arch | dtype | E | BM | BN | warps | stages | key-major | compiles | worst variant | spill-free |"
     )
@@ -419,7 +422,7 @@ def _search_main(args, pool) -> int:
             for dt in args.dtypes.split(","):
                 stages = args.stages or (3 if arch >= 90 else 2)
                 for hd in (int(h) for h in args.head_dims.split(",")):
-                    found = search_tiles(kernel, dt, hd, arch, stages, pool, max(1, args.jobs), variants)
+                    found = search_tiles(kernel, dt, hd, arch, stages, pool, max(1, args.jobs), variants, candidates)
                     for t, rows in found:
                         worst = max(rows, key=lambda g: (g["spill_stores"] + g["spill_loads"], g["registers"]))
                         note = (
@@ -462,6 +465,7 @@ def main(argv=None) -> int:
         "of the bucket (stages: --stages, else sm_90 3, sm_80 2); print each candidate tried (the chosen last)",
     )
     parser.add_argument("--stages", type=int, default=0, help="pipeline stages of --search's candidates")
+    parser.add_argument("--candidates", default="", help="--search's candidates instead: BLOCK_M,BLOCK_N,warps;...")
     args = parser.parse_args(argv)
     for h in args.head_dims.split(","):
         if padded_head_dim(int(h)) != int(h):
