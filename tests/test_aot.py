@@ -5,9 +5,10 @@ Compilation needs triton's compiled flavour, so it runs in a subprocess with TRI
 (this process may have the interpreter on). Kernels compile as launched (fused.aot.compile_launch:
 triton's own specialisation). The default run covers, for float16 and float32 both with TF32 off
 ("fp32": IEEE matmuls, torch's default) and on ("tf32"), every padded head dim with E == Ev of the
-forward in the main variants, and the backward kernels at head dims 64, 128, 256 in the main
-variants, and the score modifiers', packed, decode and dropout variants; `--runslow` adds bfloat16,
-every (E, Ev) pair and every variant.
+forward in the main variants, the backward kernels at head dims 64, 128, 256 in the main
+variants, the forward in the score modifiers', packed and decode variants; fp16 and IEEE fp32
+for the backward in those and the dropout and 64-bit-offset variants (TF32 there: the slow run
+and benchmarks/results/aot); `--runslow` adds bfloat16, every (E, Ev) pair and every variant.
 """
 
 from __future__ import annotations
@@ -110,12 +111,13 @@ MODIFIER_VARIANTS = "window-ragged,window-bool-mask,softcap-alibi-window"
 def test_modifier_variants_compile_spill_free():
     """The score modifiers' kernels (a window's gap-skipping ranges with ragged lengths, a window
     with a mask's block lists, softcap + ALiBi + window at once), forward at every bucket's head
-    dim and backward at 64 and 128, fp16, fp32 and tf32: no spills (but required_spill_free), shared memory fits."""
+    dim (fp16, fp32, tf32) and backward at 64 and 128 (fp16, fp32): no spills (but
+    required_spill_free), shared memory fits."""
     forward = _compile(
         "--kernels", "forward", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS
     )  # fmt: skip
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -134,7 +136,7 @@ def test_varlen_and_decode_variants_compile_spill_free():
     )  # fmt: skip
     assert {r["variant"] for r in forward} >= {"split-decode", "combine:paged-split-decode", "varlen-causal"}
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -144,11 +146,11 @@ DROPOUT_VARIANTS = "dropout-causal-ragged,dropout-softcap-alibi-window,varlen-dr
 
 def test_dropout_variants_compile_spill_free():
     """The dropout kernels (a Philox4x32-10 call per score: the forward, dK/dV and dQ), causal and
-    ragged, with softcap + ALiBi + window, packed, on sm_90 (fp16, fp32, tf32; head dims 64, 128): no
+    ragged, with softcap + ALiBi + window, packed, on sm_90 (fp16, fp32; head dims 64, 128): no
     spills, shared memory fits. sm_80 and the other dropout variants: the slow runs and
     benchmarks/results/aot/dropout_triton-*.md."""
     rows = _compile(
-        "--kernels", "forward,dkdv,dq", "--archs", "90", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128",
+        "--kernels", "forward,dkdv,dq", "--archs", "90", "--dtypes", "fp16,fp32", "--head-dims", "64,128",
         "--variants", DROPOUT_VARIANTS,
     )  # fmt: skip
     _check_spill_free(rows)
@@ -158,7 +160,7 @@ def test_large_offsets_variants_compile():
     """The 64-bit-offset kernels (LARGE_OFFSETS=True, planned for a KV view whose rows lie 2**21
     elements apart) compile and fit for every kernel; their spills are reported, not required to be 0
     (the tiles are chosen for the 32-bit path, which nearly every call takes)."""
-    rows = _compile("--dtypes", "fp16,fp32,tf32", "--head-dims", "128", "--variants", "large-offsets")
+    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "128", "--variants", "large-offsets")
     assert {r["variant"].split(":")[0] for r in rows} >= {"large-offsets", "dkdv", "dq", "preprocess"}
 
 
