@@ -86,7 +86,13 @@ def _run_cpu(p: Problem):
         from .eager.packed import packed_attention
 
         return packed_attention(p, cpu_fallback_attention)
-    return cpu_fallback_attention(p)
+    return cpu_fallback_attention(p, return_stats=True)
+
+
+def _cpu_stats(p: Problem) -> bool:
+    from .eager.forward import tiled_serves
+
+    return p.packing is None and tiled_serves(p)
 
 
 def _triton_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None, partial: bool = False):
@@ -103,7 +109,7 @@ def _cpu_backward(p: Problem, out, lse, dout, dlse, mask_grad: bool, stats=None,
         from .eager.packed import packed_attention_backward
 
         return (*packed_attention_backward(p, out, lse, dout, dlse, cpu_attention_backward), None)
-    return cpu_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad, partial=partial)
+    return cpu_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad, stats=stats, partial=partial)
 
 
 def _run_reference(p: Problem):
@@ -127,7 +133,9 @@ class Backend:
     run_backward: (p, out, lse, dout, dlse, mask_grad, stats=, partial=) -> (dq, dk, dv, dmask or
     None), for custom-op backends (stats: the forward's, or None; partial: p holds part of the keys
     of a larger call whose out and lse these are, so the backward must not recompute them).
-    more_reasons: what the declarations cannot say (p, explicit) -> reasons."""
+    more_reasons: what the declarations cannot say (p, explicit) -> reasons.
+    stats: (p) -> whether its forward returns stats for a problem with work (the op's output
+    shape, also for the fake kernel; the forward must agree)."""
 
     name: str
     description: str
@@ -138,6 +146,7 @@ class Backend:
     run: Callable[[Problem], tuple[torch.Tensor, torch.Tensor]]
     run_backward: Callable[..., tuple] | None = None
     more_reasons: Callable[[Problem, bool], list[str]] = lambda p, explicit: []
+    stats: Callable[[Problem], bool] = lambda p: False
 
 
 REGISTRY: dict[str, Backend] = {
@@ -153,6 +162,7 @@ REGISTRY: dict[str, Backend] = {
             run=_run_triton,
             run_backward=_triton_backward,
             more_reasons=_triton_reasons,
+            stats=lambda p: p.mask is not None and p.mask.dtype != torch.bool,  # fused.forward.new_stats
         ),
         Backend(
             "cpu",
@@ -163,6 +173,7 @@ REGISTRY: dict[str, Backend] = {
             custom_op=True,
             run=_run_cpu,
             run_backward=_cpu_backward,
+            stats=_cpu_stats,  # the tiled forward's row statistics
         ),
         Backend(
             "reference",

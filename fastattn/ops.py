@@ -147,8 +147,9 @@ def attention_forward(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out (B, Hq, L, Ev), lse (B, Hq, L), stats) of a canonical problem, computed by `backend`.
-    stats: what the backend's backward needs beyond lse (the Triton forward of a float-mask call:
-    each row's max and log-sum apart, fused.forward.new_stats), else an empty (0,) tensor."""
+    stats: what the backend's backward needs beyond lse (each row's max and log-sum apart, (2, B,
+    Hq, L), from the Triton forward of a float-mask call and from the CPU path's tiled forward: the
+    Backend's stats declaration), else an empty (0,) tensor."""
     p = _problem(q, k, v, mask, alibi, rng, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
     return _forward_impl(p, backend)
 
@@ -166,14 +167,18 @@ def _forward_impl(p: Problem, backend: str) -> tuple[torch.Tensor, torch.Tensor,
     # In the fake kernel's layout (SDPA's CPU op returns lse in (B, L, H) layout).
     out, lse, *stats = result
     stats = stats[0].contiguous() if stats and stats[0] is not None else lse.new_empty(_NO_STATS)
+    assert tuple(stats.shape) == _stats_shape(p, backend), "a backend's stats declaration disagrees with its forward"
     return _in_layout(p.packing is not None, out), lse.contiguous(), stats
 
 
-def _stats_shape(q, k, v, mask, backend) -> tuple[int, ...]:
-    """The stats output's shape: (2, B, Hq, L) for a float-mask call with work on "triton", else (0,)."""
-    work = q.numel() > 0 and k.shape[2] > 0 and v.shape[3] > 0  # as problem.empty_result
-    if backend == "triton" and mask is not None and mask.dtype != torch.bool and work:
-        return (2, q.shape[0], q.shape[1], q.shape[2])
+def _stats_shape(p: Problem, backend: str) -> tuple[int, ...]:
+    """The stats output's shape: (2, B, Hq, L) where the backend declares stats for a call with
+    work (dispatch.Backend.stats), else (0,)."""
+    from .dispatch import REGISTRY
+
+    work = p.q.numel() > 0 and p.k.shape[2] > 0 and p.v.shape[3] > 0  # as problem.empty_result
+    if work and REGISTRY[backend].stats(p):
+        return (2, p.batch, p.heads_q, p.seqlen_q)
     return _NO_STATS
 
 
@@ -181,7 +186,8 @@ def _stats_shape(q, k, v, mask, backend) -> tuple[int, ...]:
 def _(q, k, v, mask, alibi, rng, cu_seq_q, cu_seq_k, seqused_k, block_table, ints, floats, sizes, backend):
     out = q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     lse = q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=lse_dtype(q.dtype))
-    return _in_layout(cu_seq_q is not None, out), lse, lse.new_empty(_stats_shape(q, k, v, mask, backend))
+    p = _problem(q, k, v, mask, alibi, rng, (cu_seq_q, cu_seq_k, seqused_k, block_table), ints, floats, sizes)
+    return _in_layout(cu_seq_q is not None, out), lse, lse.new_empty(_stats_shape(p, backend))
 
 
 @torch.library.custom_op("fastattn::backward", mutates_args=())

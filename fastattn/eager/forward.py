@@ -19,7 +19,7 @@ import torch
 
 from .. import configs, dropout
 from ..problem import Problem, lse_dtype
-from .scores import LN2, LOG2E, grouped_alibi, grouped_mask, score_mods_, visible_keys
+from .scores import exp_diff_, grouped_alibi, grouped_mask, scaled_queries, score_mods_, visible_keys
 
 MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
 
@@ -143,17 +143,21 @@ def tiled_attention(
     block_m: int | None = None,
     block_n: int | None = None,
     tile_elements: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention's online softmax in PyTorch ops; works on any device.
+    return_stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """FlashAttention's online softmax in PyTorch ops; works on any device: (out (B, Hq, L, Ev),
+    lse (B, Hq, L)), and with return_stats the row statistics (2, B, Hq, L) the backward takes
+    (each row's max score and the log of its sum of exponentials, apart; -inf and 0 for a row with
+    no key; the layout of fused.forward.new_stats).
 
     Query blocks of `block_m` rows meet key/value blocks of `block_n` positions; (batch, head)
     pairs are taken a chunk at a time so that a score tile holds about `tile_elements` values
     (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
     K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
-    dtype, and the output; never an (L, S) matrix. Scores are kept in log2 units (log2(e) folded into the scale)
-    because exp2 is about twice as fast as exp on CPU; with a float mask in natural units (each
-    difference to the row max times log2(e) before its exp2), so that a finite mask value near
-    -finfo.max stays a finite score. The block sizes default to
+    dtype, and the output; never an (L, S) matrix. Scores, row maxima and lse are in natural
+    units, exactly as the backward recomputes them (it takes P = exp(S - lse) from this lse); each
+    exponential is exp2 of a difference to the row max times log2(e) (:func:`exp_diff_`). The
+    block sizes default to
     ``fastattn.configs.CPU_FORWARD_TILES``. Dropout (p.rng) zeroes the dropped exponentials of
     each tile after they join the row sum (lse is that of the undropped scores) and rescales the
     output by 1 / (1 - p) at the end.
@@ -163,22 +167,22 @@ def tiled_attention(
     tile_elements = tile_elements or tiles.tile_elements
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
+    neg_inf = -math.inf
     cdt = _compute_dtype(p.dtype)
     dev = p.device
-    # Log2 units, except with a float mask: a value near -finfo.max (transformers' finfo.min padding)
-    # times log2(e) overflows to -inf; natural units take each difference to the row max first.
-    log2_units = p.mask is None or p.mask.dtype == torch.bool
-    units = LOG2E if log2_units else 1.0
-    qk_scale = p.features.scale * units
-    neg_inf = -math.inf
+    scale = p.features.scale
     q5 = p.q.reshape(B, Hkv, G, L, E)  # a view: it only splits the head dim
     out = torch.empty(B, Hkv, G, L, Ev, dtype=p.dtype, device=dev)
     lse = torch.empty(B, Hkv, G, L, dtype=cdt, device=dev)
+    stats = torch.empty(2, B, Hkv, G, L, dtype=cdt, device=dev)
     mask5 = grouped_mask(p)
     alibi5 = grouped_alibi(p)
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
+        # One score buffer for the chunk's tiles: a fresh (L3-sized) tensor per tile costs page
+        # faults and zeroing in the allocator (~13% of a product and its exp2, measured).
+        tile_buffer = torch.empty(nb * nh * G * bm_max * bn_max, dtype=cdt, device=dev)
         # The chunk's K and V, converted once (no copy for contiguous fp32) and laid out so that
         # its (batch, head) dims merge: the inner loop never converts or copies.
         k_c = p.k[bs, hs].to(cdt).contiguous()
@@ -194,30 +198,24 @@ def tiled_attention(
             # Keys no row of this block can see (outside the causal diagonal and the window) are
             # never visited: a sliding window costs L * window, not L * S.
             lo, hi = visible_keys(p.features, m0, m1, S)
-            qb = torch.empty(nb, nh, G, bm, E, dtype=cdt, device=dev)
-            qb.copy_(q5[bs, hs, :, m0:m1]).mul_(qk_scale)
-            qb = qb.view(nb * nh, rows, E)
+            qb = scaled_queries(q5[bs, hs, :, m0:m1], scale, cdt).view(nb * nh, rows, E)
             acc = torch.zeros(nb * nh, rows, Ev, dtype=cdt, device=dev)
             m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
             l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)
             for n0 in range(lo, hi, block_n):
                 n1 = min(n0 + block_n, hi)
                 bn = n1 - n0
-                s = torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2))
+                s = tile_buffer[: nb * nh * rows * bn].view(nb * nh, rows, bn)
+                torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2), out=s)
                 score_mods_(
                     s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1,
-                    log2_units=log2_units, alibi=alibi_c, seqlens=(L, S),
+                    alibi=alibi_c, seqlens=(L, S), cache_band=True,
                 )  # fmt: skip
                 m_new = torch.maximum(m_i, s.amax(dim=-1))
                 # Guard (-inf) - (-inf) for rows that have seen no key yet.
                 m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
-                s.sub_(m_safe.unsqueeze(-1))
-                alpha = m_i.sub_(m_safe)
-                if not log2_units:
-                    s.mul_(LOG2E)
-                    alpha.mul_(LOG2E)
-                s.exp2_()
-                alpha.exp2_()
+                exp_diff_(s, m_safe.unsqueeze(-1))
+                alpha = exp_diff_(m_i, m_safe)
                 l_i.mul_(alpha).add_(s.sum(dim=-1))
                 if p.rng is not None:
                     s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1, s.dtype))
@@ -228,13 +226,12 @@ def tiled_attention(
             if p.rng is not None:
                 acc.mul_(dropout.rescale(p.features.dropout_p))
             out[bs, hs, :, m0:m1] = acc.view(nb, nh, G, bm, Ev)
-            if log2_units:
-                lse_b = m_i.add_(l_i.log2_()).mul_(LN2)
-            else:
-                lse_b = m_i.add_(l_i.log2_().mul_(LN2))
-            lse_b.masked_fill_(dead, neg_inf)
-            lse[bs, hs, :, m0:m1] = lse_b.view(nb, nh, G, bm)
-    return out.view(B, Hq, L, Ev), lse.view(B, Hq, L).to(lse_dtype(p.dtype))
+            log_l = l_i.log_()
+            stats[0, bs, hs, :, m0:m1] = m_i.view(nb, nh, G, bm)
+            stats[1, bs, hs, :, m0:m1] = log_l.view(nb, nh, G, bm)
+            lse[bs, hs, :, m0:m1] = m_i.add_(log_l).masked_fill_(dead, neg_inf).view(nb, nh, G, bm)
+    result = out.view(B, Hq, L, Ev), lse.view(B, Hq, L)
+    return (*result, stats.view(2, B, Hq, L)) if return_stats else result
 
 
 def without_noop_causality(p: Problem) -> Problem:
@@ -246,9 +243,16 @@ def without_noop_causality(p: Problem) -> Problem:
     return p
 
 
-def cpu_fallback_attention(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles."""
-    p = without_noop_causality(p)
-    if not sdpa_cpu_reasons(p):
-        return _sdpa_cpu(p)
-    return tiled_attention(p)
+def tiled_serves(p: Problem) -> bool:
+    """Does :func:`tiled_attention` serve the dense problem `p` (not SDPA's kernel)?"""
+    return bool(sdpa_cpu_reasons(without_noop_causality(p)))
+
+
+def cpu_fallback_attention(p: Problem, return_stats: bool = False) -> tuple[torch.Tensor, ...]:
+    """(out (B, Hq, L, Ev), lse (B, Hq, L)) of a canonical problem, by SDPA's CPU kernel or tiles;
+    with return_stats also the tiled path's row statistics for the backward, or None where SDPA's
+    kernel served (:func:`tiled_serves` says which)."""
+    if not tiled_serves(p):
+        result = _sdpa_cpu(without_noop_causality(p))
+        return (*result, None) if return_stats else result
+    return tiled_attention(p, return_stats=return_stats)

@@ -12,6 +12,7 @@ then -inf outside the band of visible keys: i + window_lo <= j <= i + causal_off
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,7 +20,21 @@ import torch
 from ..features import Features
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+
+
+def scaled_queries(q: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor: q converted to `dtype` and times the softmax scale, the left operand of every
+    tiled score product (forward and backward take it from here, so their scores round alike)."""
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return out.copy_(q).mul_(scale)
+
+
+def exp_diff_(s: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """exp(s - base), in place in s (base broadcasts), as exp2((s - base) * log2(e)): the difference
+    is taken in natural units, where it is exact for nearby values, and exp2 because torch's CPU exp
+    is several times slower wherever its result underflows (-inf scores that causality or a mask
+    hide, differences below about -87: 4-40x measured) while exp2 keeps its speed."""
+    return s.sub_(base).mul_(LOG2E).exp2_()
 
 
 def grouped_mask(p) -> torch.Tensor | None:
@@ -91,6 +106,21 @@ def _key_offsets(m0: int, m1: int, n0: int, n1: int, device) -> torch.Tensor:
     return torch.arange(n0, n1, device=device)[None, :] - torch.arange(m0, m1, device=device)[:, None]
 
 
+@functools.lru_cache(maxsize=64)
+def _band_hidden(rows: int, cols: int, above: int | None, below: int | None, device: torch.device) -> torch.Tensor:
+    """(rows, cols) bool, True where a tile's key is outside the band: its offset from the
+    tile's first query, j' - i', is above `above` or below `below` (None: no such edge). The tiled
+    paths meet the same few tiles relative to the diagonal again and again; the cache builds each
+    once instead of an arange, a compare and an or per tile."""
+    offsets = _key_offsets(0, rows, 0, cols, device)
+    hidden = torch.zeros(rows, cols, dtype=torch.bool, device=device)
+    if above is not None:
+        hidden |= offsets > above
+    if below is not None:
+        hidden |= offsets < below
+    return hidden
+
+
 def score_mods_(
     s: torch.Tensor,
     f: Features,
@@ -99,16 +129,16 @@ def score_mods_(
     m1: int,
     n0: int,
     n1: int,
-    log2_units: bool = False,
     alibi: torch.Tensor | None = None,
     seqlens: tuple[int, int] | None = None,
     softcap_grad: bool = False,
+    cache_band: bool = False,
 ):
     """Apply, in place, the modifiers of the scores s (..., m1 - m0, n1 - n0) of query rows [m0, m1)
     against keys [n0, n1), and return s (with softcap_grad: (s, g), below).
 
-    s holds scale * q . k (times log2(e) when log2_units: the tiled forward works in log2 units
-    so that each exponential is one exp2; every modifier is applied in s's units). In order:
+    s holds scale * q . k, in natural units (the tiled paths take their exponentials as exp2 of
+    the differences to the row max or lse times log2(e), after this step). In order:
     1. the softcap c (f.softcap > 0): s = c * tanh(s / c);
     2. ALiBi: alibi (slopes whose shape broadcasts against s.shape[:-2]) adds
        -slope * |i + S - L - j|, with seqlens = (L, S) the problem's lengths;
@@ -117,10 +147,13 @@ def score_mods_(
     4. -inf outside the band: key j > query i + causal_offset, or j < i + window_lo.
     softcap_grad: also return g = d(capped) / d(s) = 1 - tanh^2 (None without a softcap), which
     the backward multiplies into dS (the chain rule through step 1).
+    cache_band: take step 4's pattern from a cache keyed by the tile's shape and its offset from
+    the diagonal (the tiled loops, which meet the same few tiles again and again; not the
+    reference, whose traced or fake tensors must not outlive the call).
     """
-    grad = offsets = None
+    grad = None
     if f.softcap > 0.0:
-        cap = f.softcap * (LOG2E if log2_units else 1.0)
+        cap = f.softcap
         t = torch.tanh(s / cap)  # not in place: autograd (the reference) needs tanh's output
         if softcap_grad:
             grad = 1.0 - t * t
@@ -129,7 +162,7 @@ def score_mods_(
         L, S = seqlens
         offsets = _key_offsets(m0, m1, n0, n1, s.device)
         distance = (offsets - (S - L)).abs_().to(s.dtype)
-        slopes = alibi.to(s.dtype) * (LOG2E if log2_units else 1.0)
+        slopes = alibi.to(s.dtype)
         s.sub_(slopes[..., None, None] * distance)
     if mask is not None:
         rows = slice(m0, m1) if mask.shape[-2] > 1 else slice(None)
@@ -137,19 +170,14 @@ def score_mods_(
         tile = mask[..., rows, cols]
         if tile.dtype == torch.bool:
             s.masked_fill_(tile.logical_not(), -math.inf)
-        elif log2_units:
-            s.add_(tile, alpha=LOG2E)
         else:
             s.add_(tile)
     off, lo = f.causal_offset, f.window_lo
     cuts_hi = off is not None and n1 - 1 > m0 + off  # the tile crosses the upper diagonal
     cuts_lo = lo is not None and n0 < m1 - 1 + lo  # ... or the window's lower one
-    if cuts_hi or cuts_lo:
-        offsets = _key_offsets(m0, m1, n0, n1, s.device) if offsets is None else offsets
-        hidden = torch.zeros((), dtype=torch.bool, device=s.device)
-        if cuts_hi:
-            hidden = hidden | (offsets > off)
-        if cuts_lo:
-            hidden = hidden | (offsets < lo)
-        s.masked_fill_(hidden, -math.inf)
+    if cuts_hi or cuts_lo:  # offsets j - i = (n0 - m0) + (j' - i') within the tile
+        above = off - (n0 - m0) if cuts_hi else None
+        below = lo - (n0 - m0) if cuts_lo else None
+        band = _band_hidden if cache_band else _band_hidden.__wrapped__
+        s.masked_fill_(band(m1 - m0, n1 - n0, above, below, s.device), -math.inf)
     return (s, grad) if softcap_grad else s
