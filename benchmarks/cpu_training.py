@@ -3,21 +3,32 @@
 For each shape SDPA's CPU kernel expresses (fp32 and bf16, B*H in {16, 64}, L = S in {256, 1024}
 (and 4096 with --long), head dim 64/128, causal and not, GQA 4:1, decode L = 1 against S = 32768),
 three calls are timed in interleaved rounds (benchmarks/cpu_fallback_ratio.py's time_interleaved):
-SDPA, fastattn.attention(backend="cpu") (its backward is SDPA's CPU backward op where SDPA's kernel
-served the forward: fastattn.eager.backward.sdpa_backward_reasons), and fastattn's own tiled
-backward (fastattn.eager.backward.tiled_attention_backward, what the "cpu" backward ran before).
-The backward is timed alone by backward(retain_graph=True) on one forward's graph. Gradients are
-checked against SDPA's first. Ratios are time / SDPA's time (< 1: faster than SDPA); the load
-average is printed with the table.
+SDPA, fastattn.attention(backend="cpu") (SDPA's CPU kernel forward, SDPA's CPU backward op:
+fastattn.eager.backward.sdpa_backward_reasons), and fastattn's own tiled path on the same shape
+(fastattn.eager.forward.tiled_attention with its row statistics, then
+fastattn.eager.backward.tiled_attention_backward: what serves the calls SDPA cannot express, E !=
+Ev, bottom-right causal with L != S, mask and causal together, windows, softcaps, ALiBi, dropout;
+called directly, so it is timed on exactly SDPA's shape). The backward is timed alone by
+backward(retain_graph=True) on one forward's graph. Gradients are checked against SDPA's first.
+Ratios are time / SDPA's time (< 1: faster than SDPA); the load average is printed with the table.
 
-    python benchmarks/cpu_training.py           # ~10 minutes on 2 cores
+--load runs every case with another process keeping all cores busy (a float32 matmul loop on
+as many threads as cores), the way a CI machine or a laptop shares them.
+
+    python benchmarks/cpu_training.py           # ~20 minutes on 2 cores
     python benchmarks/cpu_training.py --quick   # a few shapes, short timings
+    python benchmarks/cpu_training.py --long    # also L = S = 4096 (B*H = 16)
+    python benchmarks/cpu_training.py --quick --load
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +36,7 @@ from cpu_fallback_ratio import environment, save_results, time_interleaved
 
 import fastattn
 from fastattn.eager.backward import sdpa_backward_reasons, tiled_attention_backward
+from fastattn.eager.forward import tiled_attention
 from fastattn.problem import canonicalize
 
 
@@ -43,16 +55,23 @@ def measure(B, Hq, Hkv, L, S, E, dtype, causal, rounds, min_run_time) -> dict:
 
     p = canonicalize(q.detach(), k.detach(), v.detach(), is_causal=causal, enable_gqa=gqa)
     assert not sdpa_backward_reasons(p, None, False), sdpa_backward_reasons(p, None, False)
-    with torch.no_grad():
-        out, lse = fastattn.attention(q, k, v, is_causal=causal, enable_gqa=gqa, backend="cpu", return_lse=True)
+
+    def tiled_forward():
+        return tiled_attention(p, return_stats=True)
+
+    out, lse, stats = tiled_forward()
 
     def tiled_backward():
-        return tiled_attention_backward(p, out, lse, dout)
+        return tiled_attention_backward(p, out, lse, dout, stats=stats)
+
+    def tiled_both():
+        o, m, st = tiled_forward()
+        return tiled_attention_backward(p, o, m, dout, stats=st)
 
     # correctness first: fastattn's gradients (both backwards) against SDPA's
     expected = torch.autograd.grad(sdpa(), inputs, dout)
     got = torch.autograd.grad(ours(), inputs, dout)
-    tiled = tiled_backward()[:3]
+    tiled = tiled_both()[:3]
     tol = 1e-3 if dtype == torch.float32 else 5e-2
     for name, grads in (("cpu", got), ("tiled", tiled)):
         for g, e in zip(grads, expected):
@@ -78,77 +97,111 @@ def measure(B, Hq, Hkv, L, S, E, dtype, causal, rounds, min_run_time) -> dict:
         return run
 
     with torch.no_grad():
-        fwd = time_interleaved({"sdpa": sdpa, "cpu": ours}, rounds, min_run_time)
+        fwd = time_interleaved({"sdpa": sdpa, "cpu": ours, "tiled": tiled_forward}, rounds, min_run_time)
     bwd = time_interleaved(
         {"sdpa": backward_of(sdpa), "cpu": backward_of(ours), "tiled": tiled_backward}, rounds, min_run_time
     )
-    both = time_interleaved({"sdpa": fwd_bwd(sdpa), "cpu": fwd_bwd(ours)}, rounds, min_run_time)
+    both = time_interleaved({"sdpa": fwd_bwd(sdpa), "cpu": fwd_bwd(ours), "tiled": tiled_both}, rounds, min_run_time)
     med = lambda times: {n: statistics.median(ts) * 1e3 for n, ts in times.items()}  # noqa: E731
     fwd, bwd, both = med(fwd), med(bwd), med(both)
     return dict(
         B=B, Hq=Hq, Hkv=Hkv, L=L, S=S, E=E, dtype=str(dtype).replace("torch.", ""), causal=causal,
         fwd_ms=fwd, bwd_ms=bwd, fwd_bwd_ms=both,
         fwd_ratio=fwd["cpu"] / fwd["sdpa"], bwd_ratio=bwd["cpu"] / bwd["sdpa"],
-        tiled_bwd_ratio=bwd["tiled"] / bwd["sdpa"],
         fwd_bwd_ratio=both["cpu"] / both["sdpa"],
-        # before: the forward as now (SDPA's kernel) plus the tiled backward
-        fwd_bwd_before_ratio=(fwd["cpu"] + bwd["tiled"]) / both["sdpa"],
+        tiled_fwd_ratio=fwd["tiled"] / fwd["sdpa"], tiled_bwd_ratio=bwd["tiled"] / bwd["sdpa"],
+        tiled_fwd_bwd_ratio=both["tiled"] / both["sdpa"],
     )  # fmt: skip
 
 
-def markdown(rows: list[dict], env: dict) -> str:
+COLUMNS = [  # (row key, column title); each a ratio to SDPA's time
+    ("fwd_ratio", "fwd"), ("bwd_ratio", "bwd"), ("fwd_bwd_ratio", "fwd+bwd"),
+    ("tiled_fwd_ratio", "tiled fwd"), ("tiled_bwd_ratio", "tiled bwd"), ("tiled_fwd_bwd_ratio", "tiled fwd+bwd"),
+]  # fmt: skip
+
+
+def markdown(rows: list[dict], env: dict, command: str) -> str:
     gm = lambda key: statistics.geometric_mean(r[key] for r in rows)  # noqa: E731
     lines = [
-        '# CPU training: fastattn\'s "cpu" backend against SDPA',
+        '# CPU training: fastattn\'s "cpu" backend and its tiled path against SDPA',
         "",
-        f"`python benchmarks/cpu_training.py`: {env['date']}, {env['cpu']}, {env['cores']} cores, "
-        f"{env['threads']} threads, load average {env['load_average']}, torch {env['torch']}, "
-        f"fastattn {env['fastattn']}.",
+        f"`{command}`: {env['date']}, {env['cpu']}, {env['cores']} cores, "
+        f"{env['threads']} threads, load average {env['load_average']} at the end"
+        + (" (another process kept every core busy)" if env.get("loaded") else "")
+        + f", torch {env['torch']}, fastattn {env['fastattn']}.",
         "",
-        "Ratios are fastattn's time / SDPA's (< 1: faster). bwd: the backward alone (SDPA's CPU backward op, "
-        "which fastattn now calls); tiled bwd: fastattn's own tiled backward (what it ran before); fwd+bwd "
-        "before: today's forward plus the tiled backward, against SDPA's forward+backward.",
+        "Ratios are time / SDPA's time on the same shape (< 1: faster). fwd, bwd, fwd+bwd: "
+        "`fastattn.attention(backend=\"cpu\")` (SDPA's CPU kernel and SDPA's CPU backward op here); "
+        "tiled: fastattn's own path (`tiled_attention` with its row statistics, `tiled_attention_backward`), "
+        "what serves the calls SDPA cannot express, timed on the same shapes.",
         "",
-        "| dtype | B | Hq/Hkv | L | S | E | causal | fwd | bwd | tiled bwd | fwd+bwd | fwd+bwd before | "
-        "SDPA fwd+bwd ms |",
-        "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| dtype | B | Hq/Hkv | L | S | E | causal | " + " | ".join(t for _, t in COLUMNS) + " | SDPA fwd+bwd ms |",
+        "|---|---:|---|---:|---:|---:|---|" + "---:|" * (len(COLUMNS) + 1),
     ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['B']} | {r['Hq']}/{r['Hkv']} | {r['L']} | {r['S']} | {r['E']} | {r['causal']} | "
-            f"{r['fwd_ratio']:.2f} | {r['bwd_ratio']:.2f} | {r['tiled_bwd_ratio']:.2f} | {r['fwd_bwd_ratio']:.2f} | "
-            f"{r['fwd_bwd_before_ratio']:.2f} | {r['fwd_bwd_ms']['sdpa']:.1f} |"
+            + " | ".join(f"{r[key]:.2f}" for key, _ in COLUMNS)
+            + f" | {r['fwd_bwd_ms']['sdpa']:.1f} |"
         )
-    lines += [
-        "",
-        f"Geometric means: fwd {gm('fwd_ratio'):.2f}, bwd {gm('bwd_ratio'):.2f} (tiled {gm('tiled_bwd_ratio'):.2f}), "
-        f"fwd+bwd {gm('fwd_bwd_ratio'):.2f} (before {gm('fwd_bwd_before_ratio'):.2f}).",
-    ]
+    lines += ["", "Geometric means: " + ", ".join(f"{t} {gm(key):.2f}" for key, t in COLUMNS) + "."]
     return "\n".join(lines) + "\n"
+
+
+LOAD = """
+import torch
+torch.set_num_threads({threads})
+a = torch.randn(1024, 1024)
+while True:
+    a = torch.tanh(a @ a)
+"""
+
+
+@contextlib.contextmanager
+def cores_shared(enabled: bool):
+    """With `enabled`, another process keeps every core busy (a matmul loop) while the block runs."""
+    if not enabled:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", LOAD.format(threads=os.cpu_count())])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few shapes, short timings")
-    parser.add_argument("--long", action="store_true", help="also L = S = 4096")
+    parser.add_argument("--long", action="store_true", help="also L = S = 4096 (B*H = 16)")
+    parser.add_argument("--load", action="store_true", help="with another process keeping every core busy")
+    parser.add_argument("--name", help="results file name (default: cpu_training[_quick][_long][_load])")
     args = parser.parse_args()
-    rounds, min_run_time = (1, 0.1) if args.quick else (2, 0.3)
+    rounds, min_run_time = (3, 0.1) if args.quick else (4, 0.15)
     shapes = []
-    lengths = (256,) if args.quick else (256, 1024) + ((4096,) if args.long else ())
+    lengths = (256, 1024)
     for dtype in (torch.float32, torch.bfloat16):
         for BH in (16,) if args.quick else (16, 64):
             for L in lengths:
                 for E in (64,) if args.quick else (64, 128):
                     for causal in (False, True):
                         shapes.append((BH // 8, 8, 8, L, L, E, dtype, causal))
-        shapes.append((2, 16, 4, 256 if args.quick else 1024, 256 if args.quick else 1024, 64, dtype, True))  # GQA
+            if args.long:
+                shapes += [(2, 8, 8, 4096, 4096, E, dtype, c) for E in (64, 128) for c in (False, True)]
+        shapes.append((2, 16, 4, 1024, 1024, 64, dtype, True))  # GQA
         shapes.append((1, 8, 8, 1, 4096 if args.quick else 32768, 64, dtype, False))  # decode
-    rows = [measure(*s, rounds, min_run_time) for s in shapes]
-    env = environment()
-    text = markdown(rows, env)
+    with cores_shared(args.load):
+        rows = []
+        for shape in shapes:
+            rows.append(measure(*shape, rounds, 0.3 if shape[3] >= 4096 else min_run_time))
+            print(rows[-1]["dtype"], shape[:6], " ".join(f"{t} {rows[-1][k]:.2f}" for k, t in COLUMNS), flush=True)
+        env = dict(environment(), loaded=args.load)
+    command = " ".join(["python benchmarks/cpu_training.py", *sys.argv[1:]])
+    text = markdown(rows, env, command)
     print(text)
-    if not args.quick:
-        save_results("cpu_training", text, env, rows)
+    name = args.name or "cpu_training" + "".join(f"_{f}" for f in ("quick", "long", "load") if getattr(args, f))
+    save_results(name, text, env, rows)
 
 
 if __name__ == "__main__":

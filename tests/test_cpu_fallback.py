@@ -176,6 +176,21 @@ def test_sdpa_op_given_strided_head_dim_regression():
     check_against_reference("strided head dim", out, lse, q, k, v)
 
 
+def test_sdpa_path_nan_rows_are_found_from_lse():
+    """SDPA's CPU kernel gives a NaN query row out 0 and lse 0; fastattn looks for NaN only in rows
+    whose lse is 0 or NaN. A NaN row becomes NaN; a row whose lse is exactly 0 without NaN (a zero
+    query against one key) keeps its answer."""
+    q, k, v = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8)
+    q[0, 0, 1] = 0.0  # score 0 against the one key: lse = log(1) = 0 exactly
+    q[0, 1, 2, 3] = float("nan")
+    p = canonicalize(q, k, v)
+    assert cpu_fallback.sdpa_cpu_reasons(p) == []
+    out, lse = cpu_fallback._sdpa_cpu(p)
+    assert lse[0, 0, 1] == 0 and torch.equal(out[0, 0, 1], v[0, 0, 0])
+    assert torch.isnan(out[0, 1, 2]).all() and torch.isnan(lse[0, 1, 2])
+    assert not torch.isnan(out[0, 1, :2]).any() and not torch.isnan(out[0, 0]).any()
+
+
 # --- memory: no (L, S) matrix at L = S = 16384 ---------------------------------------------------
 
 N = 16384

@@ -96,8 +96,11 @@ def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     lse = lse.to(lse_dtype(p.dtype))
     # SDPA's CPU kernel gives a query row holding NaN output 0 and lse 0; SDPA's math backend, the
     # reference and the tiled path give NaN there (NaN in K, V or the mask already propagates).
-    nan_rows = torch.isnan(p.q).any(dim=-1)
-    if nan_rows.any():
+    # Only rows whose lse is 0 (or NaN) are suspects, and min |lse| finds whether any exists in
+    # two small ops: checking all of q for NaN cost ~0.5 ms at (2, 8, 256, 64), a third of the
+    # kernel's own time (measured).
+    if not bool(lse.abs().amin() > 0):
+        nan_rows = torch.isnan(p.q).any(dim=-1) & ((lse == 0) | torch.isnan(lse))
         out = out.masked_fill(nan_rows[..., None], math.nan)
         lse = lse.masked_fill(nan_rows, math.nan)
     if p.mask is not None:
