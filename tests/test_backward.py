@@ -101,6 +101,50 @@ def test_which_cpu_backward_runs_is_stated():
     assert any("window" in r for r in sdpa_backward_reasons(canonicalize(q, q, q, window_size=(2, 0)), None, False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("L", "S", "calls"), [(40, 97, 2), (97, 40, 1), (1, 97, 1)])
+def test_bottom_right_causal_takes_sdpa_calls(L, S, calls, dtype, monkeypatch):
+    """Bottom-right causality is SDPA's kernel in at most two calls (eager.forward.sdpa_parts):
+    keys every row sees, then the diagonal top-left causal (L < S); the rows that see keys (L > S);
+    one decoding row sees every key. Forward and backward, each call counted, gradients within the
+    error-ratio rule of the float64 oracle."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    from fastattn.eager import backward as eager_backward
+    from fastattn.eager import forward as eager_forward
+
+    counts = {"forward": 0, "backward": 0}
+    forward_call, backward_call = eager_forward._sdpa_call, eager_backward._sdpa_backward_call
+
+    def counted(name, fn):
+        def call(*args):
+            counts[name] += 1
+            return fn(*args)
+
+        return call
+
+    monkeypatch.setattr(eager_forward, "_sdpa_call", counted("forward", forward_call))
+    monkeypatch.setattr(eager_backward, "_sdpa_backward_call", counted("backward", backward_call))
+    monkeypatch.setattr(eager_forward, "tiled_attention", None)  # never the tiled path
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, L, 32, dtype=dtype)
+    k, v = torch.randn(2, 2, S, 32, dtype=dtype), torch.randn(2, 2, S, 32, dtype=dtype)
+    kwargs = dict(attn_mask=causal_lower_right(L, S), enable_gqa=True)
+    dout = torch.randn(2, 4, L, 32, dtype=torch.float64)
+
+    def grads(backend, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        out = fastattn.attention(*leaves, **kwargs, backend=backend)
+        return (out, *torch.autograd.grad((out.double() * dout).sum(), leaves))
+
+    got = grads("cpu", (q, k, v))
+    assert counts == {"forward": calls, "backward": calls}
+    oracle = grads("reference", (q.double(), k.double(), v.double()))
+    baseline = grads("reference", (q, k, v))
+    for label, g, o, b in zip(("out", "dq", "dk", "dv"), got, oracle, baseline):
+        assert_close_to_oracle(f"bottom-right {L}x{S} {label}", g, o, b, dtype=dtype, ratio=3.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", MODIFIER_CASES, ids=[c.id for c in MODIFIER_CASES])
 def test_cpu_backward_modifiers(case, dtype):

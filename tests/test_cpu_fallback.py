@@ -95,7 +95,8 @@ DELEGATION = [
     ("causal_br-L=S", lambda L, S: {"attn_mask": causal_lower_right(S, S)}, 64, 64, True),
     ("mask", lambda L, S: {"attn_mask": torch.rand(L, S) < 0.5}, 64, 64, True),
     ("gqa", lambda L, S: {"enable_gqa": True}, 64, 64, True),
-    ("causal_br", lambda L, S: {"attn_mask": causal_lower_right(L, S)}, 64, 64, False),
+    ("causal_br", lambda L, S: {"attn_mask": causal_lower_right(L, S)}, 64, 64, True),  # two SDPA calls
+    ("causal_br-L>S", lambda L, S: {"attn_mask": causal_lower_right(L, S)}, 64, 64, True),  # rows without keys
     ("E!=Ev", lambda L, S: {}, 64, 32, False),
     ("causal+mask", lambda L, S: {"is_causal": True, "attn_mask": torch.rand(L, S) < 0.5}, 64, 64, False),
 ]
@@ -104,7 +105,7 @@ DELEGATION = [
 @pytest.mark.parametrize("case", DELEGATION, ids=[c[0] for c in DELEGATION])
 def test_delegates_exactly_where_sdpa_can(case, monkeypatch):
     name, make_kwargs, E, Ev, delegates = case
-    L, S = (33, 33) if name == "causal_br-L=S" else (33, 47)
+    L, S = {"causal_br-L=S": (33, 33), "causal_br-L>S": (47, 33)}.get(name, (33, 47))
     q, k, v = make_qkv(2, 4, 2 if name == "gqa" else 4, L, S, E, Ev)
     kwargs = make_kwargs(L, S)
     assert (cpu_fallback.sdpa_cpu_reasons(canonicalize(q, k, v, **kwargs)) == []) == delegates

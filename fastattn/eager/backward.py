@@ -16,7 +16,15 @@ import torch
 
 from .. import configs, dropout
 from ..problem import Problem
-from .forward import sdpa_cpu_reasons, sdpa_mask, sdpa_mask_rows, without_noop_causality
+from .forward import (
+    _sdpa_part,
+    sdpa_cpu_reasons,
+    sdpa_mask,
+    sdpa_mask_rows,
+    sdpa_parts,
+    tiled_attention,
+    without_noop_causality,
+)
 from .scores import exp_diff_, grouped_alibi, grouped_mask, scaled_queries, score_mods_, visible_rows
 
 
@@ -174,9 +182,29 @@ def sdpa_backward_reasons(p: Problem, dlse: torch.Tensor | None, mask_grad: bool
 
 def sdpa_cpu_backward(p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
     """(dq, dk, dv) by SDPA's CPU backward op, from the out and lse SDPA's kernel gave the forward
-    (call it where :func:`sdpa_backward_reasons` is empty). Rows with no key carry lse = -inf in
-    fastattn; the op needs +inf there (P = exp(s - lse) = 0), -inf would give NaN gradients."""
+    (call it where :func:`sdpa_backward_reasons` is empty), one op call per call of the forward
+    (:func:`fastattn.eager.forward.sdpa_parts`): each part takes the whole call's out and lse, so
+    its gradients are its keys' share (P = exp(S - lse), delta = rowsum(dO * out)); dQ sums them."""
     p = without_noop_causality(p)
+    parts = sdpa_parts(p)
+    if len(parts) == 1 and parts[0][0].start == 0:
+        return _sdpa_backward_call(p, out, lse, dout)
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    dq = torch.zeros(p.q.shape, dtype=acc, device=p.device)
+    dk = torch.zeros(p.k.shape, dtype=acc, device=p.device)
+    dv = torch.zeros(p.v.shape, dtype=acc, device=p.device)
+    for rows, keys, causal in parts:
+        part = _sdpa_part(p, rows, keys, causal)
+        gq, gk, gv = _sdpa_backward_call(part, out[:, :, rows], lse[:, :, rows], dout[:, :, rows])
+        dq[:, :, rows] += gq
+        dk[:, :, keys] += gk
+        dv[:, :, keys] += gv
+    return dq.to(p.dtype), dk.to(p.dtype), dv.to(p.dtype)
+
+
+def _sdpa_backward_call(p: Problem, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor):
+    """One call of SDPA's CPU backward op. Rows with no key carry lse = -inf in fastattn; the op
+    needs +inf there (P = exp(s - lse) = 0), -inf would give NaN gradients."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
     lse = lse.masked_fill(torch.isneginf(lse), math.inf).contiguous()
     return getattr(torch.ops.aten, SDPA_BACKWARD_OP)(
@@ -198,10 +226,15 @@ def cpu_attention_backward(
     """The "cpu" backend's backward: SDPA's own CPU backward op where SDPA's kernel served the
     forward and the op can differentiate the call (:func:`sdpa_backward_reasons`), else
     :func:`tiled_attention_backward`. (dq, dk, dv, dmask or None). stats: the tiled forward's row
-    statistics (None where SDPA's kernel served the forward). partial: out and lse are those
-    of a larger call whose keys `p` holds a part of; both backwards take them as they are (P =
-    exp(S - lse), delta = rowsum(dO * out)), so it changes nothing here."""
-    del partial
+    statistics (None where SDPA's kernel served the forward: then recomputed for the tiled
+    backward). partial: out and lse are those of a larger call whose keys `p` holds a part of;
+    both backwards take them as they are (P = exp(S - lse), delta = rowsum(dO * out))."""
     if not sdpa_backward_reasons(p, dlse, mask_grad):
         return (*sdpa_cpu_backward(p, out, lse, dout), None)
+    if stats is None and not partial:
+        # SDPA's kernel served the forward (the loss uses lse, or a float mask wants its gradient):
+        # its lse alone, ~1e3 with large logits, carries a float32 rounding that made dQ up to 3.6x
+        # less accurate than the float32 reference's (measured); the tiled forward's row
+        # statistics, recomputed, keep it out of the exponent (at the cost of one forward).
+        stats = tiled_attention(p, return_stats=True)[2]
     return tiled_attention_backward(p, out, lse, dout, dlse, mask_grad=mask_grad, stats=stats)

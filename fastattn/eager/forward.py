@@ -1,13 +1,13 @@
 """The PyTorch fallback: the same semantics as the kernel, with O(L) extra memory.
 
-Where SDPA's own CPU kernel can express the call (no bottom-right causal that hides keys, E == Ev,
-not causal and masked at once, no sliding window, softcap or ALiBi) it is used directly, through the aten op that also returns the
-logsumexp. Every other call takes :func:`tiled_attention`, the FlashAttention algorithm written
-with PyTorch ops: query blocks of `block_m` rows meet key/value blocks of `block_n` positions,
-with a running max and sum, so no (L, S) matrix is ever allocated. On 2 CPU cores the tiled path
-runs at 1.1-1.5x the time of SDPA's kernel on the same shapes
-(benchmarks/cpu_fallback_ratio.py); like any sequence of PyTorch ops it slows down far more than
-SDPA's single fused call when other processes keep the cores busy.
+Where SDPA's own CPU kernel can express the call (E == Ev, not causal and masked at once, no
+sliding window, softcap, ALiBi or dropout) it is used directly, through the aten op that also
+returns the logsumexp; a causal diagonal other than top-left (bottom-right with L != S) takes two
+of its calls at most, merged exactly (:func:`sdpa_parts`). Every other call takes
+:func:`tiled_attention`, the FlashAttention algorithm written with PyTorch ops: query blocks of
+`block_m` rows meet key/value blocks of `block_n` positions, with a running max and sum, so no
+(L, S) matrix is ever allocated. On 2 CPU cores the tiled path runs at 1.2-2x the time of SDPA's
+kernel on the same shapes (benchmarks/cpu_training.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from .. import configs, dropout
 from ..problem import Problem, lse_dtype
+from .merge import merge_
 from .scores import exp_diff_, grouped_alibi, grouped_mask, scaled_queries, score_mods_, visible_keys
 
 MASK_BLOCK_BYTES = 1 << 24  # bool masks become additive ones for SDPA's op in pieces of this size
@@ -43,8 +44,6 @@ def sdpa_cpu_reasons(p: Problem) -> list[str]:
     if p.head_dim != p.head_dim_v:
         reasons.append("E != Ev")
     f = p.features
-    if f.causal_offset not in (None, 0):
-        reasons.append("a causal diagonal other than top-left (bottom-right with L != S, or a window's right edge)")
     if f.causal_offset is not None and p.mask is not None:
         reasons.append("causal and a mask together")
     if f.window_lo is not None:
@@ -81,7 +80,44 @@ def sdpa_mask(p: Problem, mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask
 
 
+def sdpa_parts(p: Problem) -> list[tuple[slice, slice, bool]]:
+    """The calls of SDPA's kernel, which knows top-left causality only, that make up `p`: (query
+    rows, keys, causal) each. A causal diagonal at offset c (query i sees key j when j <= i + c;
+    c = S - L bottom-right) is at most two calls: for c > 0, keys [0, c), which every row sees, and
+    then keys [c, S) top-left causal; for c < 0, rows [-c, L) against every key, top-left causal
+    (the rows above see no key). Call it after :func:`without_noop_causality` (c < S - 1)."""
+    L, S, c = p.seqlen_q, p.seqlen_k, p.features.causal_offset
+    every_row, every_key = slice(0, L), slice(0, S)
+    if c is None or c == 0:
+        return [(every_row, every_key, c == 0)]
+    if c > 0:
+        return [(every_row, slice(0, c), False), (every_row, slice(c, S), True)]
+    return [(slice(-c, L), every_key, True)] if -c < L else []
+
+
+def _sdpa_part(p: Problem, rows: slice, keys: slice, causal: bool) -> Problem:
+    """The sub-problem of one :func:`sdpa_parts` call (no mask: causal with a mask is not SDPA's)."""
+    features = dataclasses.replace(p.features, causal_offset=0 if causal else None)
+    return dataclasses.replace(p, q=p.q[:, :, rows], k=p.k[:, :, keys], v=p.v[:, :, keys], features=features)
+
+
 def _sdpa_cpu(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = sdpa_parts(p)
+    if len(parts) == 1 and parts[0][0].start == 0:
+        return _sdpa_call(p)
+    # Each part's out and lse are those of its keys alone; merged in float64 (O(L) work), so the
+    # merged lse and weights add no rounding of their own to the parts' (with logits ~1e3, a float32
+    # merge gave SDPA's backward, which recomputes P from this lse, 4x the dQ error: measured).
+    out = torch.zeros(p.batch, p.heads_q, p.seqlen_q, p.head_dim_v, dtype=torch.float64, device=p.device)
+    lse = torch.full((p.batch, p.heads_q, p.seqlen_q), -math.inf, dtype=torch.float64, device=p.device)
+    for rows, keys, causal in parts:
+        merge_(out[:, :, rows], lse[:, :, rows], *_sdpa_call(_sdpa_part(p, rows, keys, causal)))
+    return out.to(p.dtype), lse.to(lse_dtype(p.dtype))
+
+
+def _sdpa_call(p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of SDPA's kernel (no causal diagonal, or top-left), fixed up where fastattn's
+    semantics differ (NaN query rows, rows a mask leaves without keys)."""
     mask = p.mask
     rows = sdpa_mask_rows(p)
     if rows >= p.seqlen_q:
@@ -247,7 +283,8 @@ def without_noop_causality(p: Problem) -> Problem:
 
 
 def tiled_serves(p: Problem) -> bool:
-    """Does :func:`tiled_attention` serve the dense problem `p` (not SDPA's kernel)?"""
+    """Does :func:`tiled_attention` serve the dense problem `p` (not SDPA's kernel, in the calls of
+    :func:`sdpa_parts`)?"""
     return bool(sdpa_cpu_reasons(without_noop_causality(p)))
 
 
