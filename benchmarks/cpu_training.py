@@ -19,22 +19,26 @@ as many threads as cores), the way a CI machine or a laptop shares them.
     python benchmarks/cpu_training.py --quick   # a few shapes, short timings
     python benchmarks/cpu_training.py --long    # also L = S = 4096 (B*H = 16)
     python benchmarks/cpu_training.py --quick --load
+    python benchmarks/cpu_training.py --readme README.md   # the README's table, from the saved results
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from cpu_fallback_ratio import environment, save_results, time_interleaved
+from cpu_fallback_ratio import RESULTS, environment, save_results, time_interleaved
 
 import fastattn
+from fastattn.bench.readme import replace_section
 from fastattn.eager.backward import sdpa_backward_reasons, tiled_attention_backward
 from fastattn.eager.forward import tiled_attention
 from fastattn.problem import canonicalize
@@ -148,6 +152,68 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- cpu-ratios -->", "<!-- /cpu-ratios -->"
+
+
+def _geomean_row(label: str, rows: list[dict]) -> str:
+    means = [statistics.geometric_mean(r[key] for r in rows) for key, _ in COLUMNS]
+    return f"| {label} | {len(rows)} | " + " | ".join(f"{m:.2f}" for m in means) + " |"
+
+
+def readme_section(full: dict, quiet: dict | None, loaded: dict | None) -> str:
+    """The README's CPU table from saved results (the .json files save_results wrote): geometric
+    means of each ratio per dtype and length over the full run's shapes, and the quick run's means
+    quiet and with the cores shared."""
+    env, rows = full["environment"], full["rows"]
+    head = "| shapes | n | " + " | ".join(t for _, t in COLUMNS) + " |"
+    rule = "|---|---:|" + "---:|" * len(COLUMNS)
+    lines = [
+        f"Measured {env['date']} on {env['cpu']} ({env['threads']} threads, load average "
+        f"{env['load_average'][0]:.1f} at the end), torch {env['torch']}, fastattn {env['fastattn']}, by "
+        "`python benchmarks/cpu_training.py --long` (every row: "
+        "`benchmarks/results/cpu/cpu_training.md`). Ratio = time / SDPA's time on the same shape, geometric "
+        "means over B·H 16 and 64, head dims 64 and 128, causal and not (L = 4096: B·H 16); fwd, bwd, fwd+bwd: "
+        '`fastattn.attention(backend="cpu")`, which hands these shapes to SDPA\'s CPU kernel and backward op; '
+        "tiled: fastattn's own path on the same shapes, the one that serves what SDPA cannot express "
+        "(E != Ev, a causal mask together with a tensor mask, windows, softcaps, ALiBi, dropout).",
+        "",
+        head,
+        rule,
+    ]
+    for dtype in ("float32", "bfloat16"):
+        for L in sorted({r["L"] for r in rows if r["L"] == r["S"]}):
+            group = [r for r in rows if r["dtype"] == dtype and r["L"] == L and r["S"] == L and r["Hq"] == r["Hkv"]]
+            if group:
+                lines.append(_geomean_row(f"{dtype} L = S = {L}", group))
+        for label, pick in (
+            ("GQA 16/4", lambda r: r["Hq"] != r["Hkv"]),
+            ("decode L 1, S 32768", lambda r: r["L"] == 1),
+        ):
+            group = [r for r in rows if r["dtype"] == dtype and pick(r)]
+            if group:
+                lines.append(_geomean_row(f"{dtype} {label}", group))
+    lines.append(_geomean_row("all", rows))
+    if quiet and loaded:
+        lines += [
+            "",
+            "With the cores shared (`--quick --load`: another process runs a matmul loop on every core; load "
+            f"average {loaded['environment']['load_average'][0]:.1f} against {quiet['environment']['load_average'][0]:.1f} "
+            "quiet), the same quick shapes:",
+            "",
+            head,
+            rule,
+            _geomean_row("quiet", quiet["rows"]),
+            _geomean_row("cores shared", loaded["rows"]),
+        ]
+        shared = [
+            statistics.geometric_mean(r[k] for r in loaded["rows"])
+            / statistics.geometric_mean(r[k] for r in quiet["rows"])
+            for k, _ in COLUMNS
+        ]
+        lines.append("| shared / quiet | | " + " | ".join(f"{x:.2f}" for x in shared) + " |")
+    return "\n".join(lines) + "\n"
+
+
 LOAD = """
 import torch
 torch.set_num_threads({threads})
@@ -176,8 +242,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few shapes, short timings")
     parser.add_argument("--long", action="store_true", help="also L = S = 4096 (B*H = 16)")
     parser.add_argument("--load", action="store_true", help="with another process keeping every core busy")
-    parser.add_argument("--name", help="results file name (default: cpu_training[_quick][_long][_load])")
+    parser.add_argument("--name", help="results file name (default: cpu_training[_quick][_load])")
+    parser.add_argument("--readme", type=Path, help="measure nothing: rewrite this file's cpu-ratios block from "
+                        "the saved cpu_training, cpu_training_quick and cpu_training_quick_load results")  # fmt: skip
     args = parser.parse_args()
+    if args.readme:
+        saved = {n: RESULTS / f"{n}.json" for n in ("cpu_training", "cpu_training_quick", "cpu_training_quick_load")}
+        data = {n: json.loads(p.read_text()) if p.exists() else None for n, p in saved.items()}
+        section = readme_section(data["cpu_training"], data["cpu_training_quick"], data["cpu_training_quick_load"])
+        args.readme.write_text(replace_section(args.readme.read_text(), section, README_BEGIN, README_END))
+        return
     rounds, min_run_time = (3, 0.1) if args.quick else (4, 0.15)
     shapes = []
     lengths = (256, 1024)
@@ -200,7 +274,7 @@ def main() -> None:
     command = " ".join(["python benchmarks/cpu_training.py", *sys.argv[1:]])
     text = markdown(rows, env, command)
     print(text)
-    name = args.name or "cpu_training" + "".join(f"_{f}" for f in ("quick", "long", "load") if getattr(args, f))
+    name = args.name or "cpu_training" + "".join(f"_{f}" for f in ("quick", "load") if getattr(args, f))
     save_results(name, text, env, rows)
 
 

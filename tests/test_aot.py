@@ -8,7 +8,8 @@ triton's own specialisation). The default run covers, for float16 and float32 bo
 forward in the main variants, the backward kernels at head dims 64, 128, 256 in the main
 variants, the forward in the score modifiers', packed and decode variants; fp16 and IEEE fp32
 for the backward in those and the dropout and 64-bit-offset variants (TF32 there: the slow run
-and benchmarks/results/aot); `--runslow` adds bfloat16, every (E, Ev) pair and every variant.
+and benchmarks/results/aot); the main tables for sm_80 and sm_90, the other variants for sm_90
+(SM90); `--runslow` adds bfloat16, every (E, Ev) pair and every variant on both archs.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def _compile(*args: str) -> list[dict]:
 
 
 TRITON = tuple(int(x) for x in version("triton").split(".")[:2])
+# The variant families beyond the main tables compile for sm_90 (the lent H200's) in the default
+# run, sm_80 too under --runslow (every variant, both archs) or with FASTATTN_AOT_ARCHS set: each
+# arch costs minutes of compiles on a cold cache.
+SM90 = () if os.environ.get("FASTATTN_AOT_ARCHS") else ("--archs", "90")
 
 
 def required_spill_free(r: dict) -> bool:
@@ -114,10 +119,11 @@ def test_modifier_variants_compile_spill_free():
     dim (fp16, fp32, tf32) and backward at 64 and 128 (fp16, fp32): no spills (but
     required_spill_free), shared memory fits."""
     forward = _compile(
-        "--kernels", "forward", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS
+        "--kernels", "forward", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256", "--variants", MODIFIER_VARIANTS,
+        *SM90,
     )  # fmt: skip
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", MODIFIER_VARIANTS, *SM90
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -132,11 +138,11 @@ def test_varlen_and_decode_variants_compile_spill_free():
     and fp32, head dims 64, 128, 256 (backward: 64, 128): no spills, shared memory fits."""
     forward = _compile(
         "--kernels", "forward,combine", "--dtypes", "fp16,fp32,tf32", "--head-dims", "64,128,256",
-        "--variants", f"{VARLEN_VARIANTS},{DECODE_VARIANTS}",
+        "--variants", f"{VARLEN_VARIANTS},{DECODE_VARIANTS}", *SM90,
     )  # fmt: skip
     assert {r["variant"] for r in forward} >= {"split-decode", "combine:paged-split-decode", "varlen-causal"}
     backward = _compile(
-        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS
+        "--kernels", "dkdv,dq", "--dtypes", "fp16,fp32", "--head-dims", "64,128", "--variants", VARLEN_VARIANTS, *SM90
     )  # fmt: skip
     _check_spill_free(forward + backward)
 
@@ -160,7 +166,7 @@ def test_large_offsets_variants_compile():
     """The 64-bit-offset kernels (LARGE_OFFSETS=True, planned for a KV view whose rows lie 2**21
     elements apart) compile and fit for every kernel; their spills are reported, not required to be 0
     (the tiles are chosen for the 32-bit path, which nearly every call takes)."""
-    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "128", "--variants", "large-offsets")
+    rows = _compile("--dtypes", "fp16,fp32", "--head-dims", "128", "--variants", "large-offsets", *SM90)
     assert {r["variant"].split(":")[0] for r in rows} >= {"large-offsets", "dkdv", "dq", "preprocess"}
 
 

@@ -49,12 +49,12 @@ def render(result_dir: Path, base: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_section(text: str, section: str) -> str:
-    """`text` with what lies between BEGIN and END replaced by `section`."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"no {BEGIN} ... {END} block to replace")
-    return text[: start + len(BEGIN)] + "\n" + section + text[end:]
+def replace_section(text: str, section: str, begin: str = BEGIN, end: str = END) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by `section`."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"no {begin} ... {end} block to replace")
+    return text[: start + len(begin)] + "\n" + section + text[stop:]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
