@@ -261,8 +261,8 @@ def main() -> None:
                 for E in (64,) if args.quick else (64, 128):
                     for causal in (False, True):
                         shapes.append((BH // 8, 8, 8, L, L, E, dtype, causal))
-            if args.long:
-                shapes += [(2, 8, 8, 4096, 4096, E, dtype, c) for E in (64, 128) for c in (False, True)]
+        if args.long:
+            shapes += [(2, 8, 8, 4096, 4096, E, dtype, c) for E in (64, 128) for c in (False, True)]
         shapes.append((2, 16, 4, 1024, 1024, 64, dtype, True))  # GQA
         shapes.append((1, 8, 8, 1, 4096 if args.quick else 32768, 64, dtype, False))  # decode
     with cores_shared(args.load):

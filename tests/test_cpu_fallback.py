@@ -238,7 +238,7 @@ MEMORY_SCRIPT = textwrap.dedent(
         "sdpa-padding-mask": lambda: fastattn.attention(q, k, v, pad, backend="cpu"),
         "sdpa-full-bool-mask": lambda: fastattn.attention(q, k, v, full, backend="cpu"),
         "tiled": lambda: cpu_fallback.tiled_attention(canonicalize(q, k, v)),
-        "tiled-causal_br": lambda: fastattn.attention(
+        "sdpa-causal_br": lambda: fastattn.attention(
             q[:, :, : N - 384], k, v, causal_lower_right(N - 384, N), backend="cpu"),
         "tiled-causal-padding-mask": lambda: fastattn.attention(q, k, v, pad, is_causal=True, backend="cpu"),
         # The instrument itself: a quarter of an (L, S) matrix must show up.
@@ -287,7 +287,7 @@ def memory_growth() -> dict[str, int]:
         "sdpa-padding-mask",
         "sdpa-full-bool-mask",
         "tiled",
-        "tiled-causal_br",
+        "sdpa-causal_br",
         "tiled-causal-padding-mask",
     ],
 )

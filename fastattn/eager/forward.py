@@ -193,10 +193,10 @@ def tiled_attention(
     pairs are taken a chunk at a time so that a score tile holds about `tile_elements` values
     (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
     K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
-    dtype, and the output; never an (L, S) matrix. Scores, row maxima and lse are in natural
-    units, exactly as the backward recomputes them (it takes P = exp(S - lse) from this lse); each
-    exponential is exp2 of a difference to the row max times log2(e) (:func:`exp_diff_`). The
-    block sizes default to
+    dtype, the output and O(L) row statistics; never an (L, S) matrix. Scores and row maxima are
+    in natural units, exactly as the backward recomputes them (P = exp(S - max) / sum from the
+    statistics); each exponential is exp2 of a difference to the row max times log2(e)
+    (:func:`fastattn.eager.scores.exp_diff_`). The block sizes default to
     ``fastattn.configs.CPU_FORWARD_TILES``. Dropout (p.rng) zeroes the dropped exponentials of
     each tile after they join the row sum (lse is that of the undropped scores) and rescales the
     output by 1 / (1 - p) at the end.
