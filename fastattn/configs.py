@@ -7,7 +7,9 @@
   Every config a built-in function can return is compiled ahead of time for sm_80 and sm_90 by
   the tests (``CONFIG_SPACE`` lists the keys). ``preprocess_config`` sizes the backward's
   preprocess kernel.
-- The PyTorch paths: ``CPU_FORWARD_TILES`` and ``CPU_BACKWARD_TILES``, read at each call.
+- The PyTorch paths: ``CPU_FORWARD_TILES`` and ``CPU_BACKWARD_TILES``, read at each call;
+  ``CPU_SDPA_BACKWARD``, whether the "cpu" backend differentiates what SDPA's CPU kernel computed
+  with SDPA's own backward op (read at each backward).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ class CpuTiles:
 
 CPU_FORWARD_TILES = CpuTiles(256, 512, 1 << 20)  # a 4 MiB fp32 score tile: fewer, larger ops; it stays in L3
 CPU_BACKWARD_TILES = CpuTiles(128, 256)
+# SDPA's CPU backward op gives SDPA's own gradients, at SDPA's speed; on some CPUs they are several
+# times less accurate than the float32 reference (AMD EPYC, AVX2: up to ~5x at ordinary logits, up to
+# ~30x for dV with logits ~1e3 at head dim 128, measured). False: fastattn's tiled backward there
+# too (the reference's accuracy; it recomputes the row statistics with one tiled forward first).
+CPU_SDPA_BACKWARD = True
 
 
 def padded_head_dim(d: int) -> int:

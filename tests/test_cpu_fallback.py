@@ -12,10 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PARITY_CASES, attention_arguments, check_against_reference, make_mask, make_qkv, sweep_cases
+from helpers import (
+    PARITY_CASES,
+    assert_close_to_oracle,
+    attention_arguments,
+    check_against_reference,
+    make_mask,
+    make_qkv,
+    sweep_cases,
+)
 from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
+from fastattn import reference
 from fastattn.configs import CPU_FORWARD_TILES as CPU_TILES
 from fastattn.eager import forward as cpu_fallback
 from fastattn.problem import canonicalize
@@ -84,6 +93,67 @@ def test_tiled_repeats_are_bitwise_equal():
     p = canonicalize(q, k, v, is_causal=True, enable_gqa=True)
     first, second = cpu_fallback.tiled_attention(p, 32, 64), cpu_fallback.tiled_attention(p, 32, 64)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_wide_key_blocks_for_few_query_rows():
+    """Fewer query rows than a block: the key block widens so a tile keeps about block_m *
+    block_n scores per head, at most the whole key range; otherwise it stays."""
+    assert cpu_fallback.wide_key_blocks(256, 4096, 256, 512) == 512
+    assert cpu_fallback.wide_key_blocks(1000, 4096, 256, 512) == 512
+    assert cpu_fallback.wide_key_blocks(1, 32768, 256, 512) == 32768
+    assert cpu_fallback.wide_key_blocks(1, 1 << 20, 256, 512) == 256 * 512
+    assert cpu_fallback.wide_key_blocks(16, 32768, 256, 512) == 256 * 512 // 16
+    assert cpu_fallback.wide_key_blocks(2, 100, 4, 16) == 32
+
+
+@pytest.mark.parametrize("blocks", [(4, 16), (None, None)], ids=["b4x16", "default"])
+@pytest.mark.parametrize("L", [1, 3])
+def test_tiled_decoding_with_wide_key_blocks(L, blocks):
+    """A few query rows against many keys (widened key blocks: several of 32 or 48 keys, or one of
+    all 3000), E != Ev so that the tiled path serves it, GQA and a bool mask with holes."""
+    q, k, v = make_qkv(2, 4, 2, L, 3000, 32, Ev=16)
+    mask = torch.rand(2, 1, L, 3000) < 0.9
+    kwargs = dict(attn_mask=mask, enable_gqa=True)
+    p = canonicalize(q, k, v, **kwargs)
+    out, lse = p.restore(*cpu_fallback.tiled_attention(p, *blocks))
+    check_against_reference(f"decode L{L} {blocks}", out, lse, q, k, v, **kwargs)
+
+
+def test_tiled_query_blocks_that_see_no_key():
+    """Bottom-right causal with L > S: the first query blocks see no key at all (none visited):
+    out 0, lse -inf, statistics (-inf, 0), as the reference has it; the rest match it."""
+    q, k, v = make_qkv(1, 2, 2, 40, 9, 16, Ev=8)
+    kwargs = dict(attn_mask=causal_lower_right(40, 9))
+    p = canonicalize(q, k, v, **kwargs)
+    out, lse, stats = cpu_fallback.tiled_attention(p, 8, 4, return_stats=True)
+    dead = slice(0, 31)  # query i sees key j when j <= i - 31
+    assert (out[:, :, dead] == 0).all() and torch.isneginf(lse[:, :, dead]).all()
+    assert torch.isneginf(stats[0][:, :, dead]).all() and (stats[1][:, :, dead] == 0).all()
+    check_against_reference("L > S bottom-right", *p.restore(out, lse), q, k, v, **kwargs)
+
+
+def test_padding_at_finfo_min_in_a_whole_key_block():
+    """transformers' left padding as an additive finfo.min mask over a whole key block: every
+    row's max is finfo.min after the first block (the uniform weights of SDPA's math there) and is
+    then replaced by the real keys' (the old weights rescaled to 0); forward and the tiled
+    backward from the forward's statistics match the float64 oracle."""
+    from fastattn.eager.backward import tiled_attention_backward
+
+    q, k, v = make_qkv(1, 2, 2, 6, 9, 16, Ev=8)
+    mask = torch.zeros(1, 1, 6, 9)
+    mask[..., :3] = torch.finfo(torch.float32).min
+    p = canonicalize(q, k, v, attn_mask=mask)
+    out, lse, stats = cpu_fallback.tiled_attention(p, 4, 3, return_stats=True)
+    check_against_reference("finfo.min padding", *p.restore(out, lse), q, k, v, attn_mask=mask)
+    dout = torch.randn_like(out)
+    grads = tiled_attention_backward(p, out, lse, dout, stats=stats, block_m=4, block_n=3)[:3]
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    reference_out = reference.attention(*wide, attn_mask=mask.double())
+    oracle = torch.autograd.grad(reference_out, wide, dout.double())
+    low = [t.clone().requires_grad_() for t in (q, k, v)]
+    baseline = torch.autograd.grad(reference.attention(*low, attn_mask=mask), low, dout)
+    for name, g, o, b in zip(("dq", "dk", "dv"), grads, oracle, baseline):
+        assert_close_to_oracle(f"finfo.min padding {name}", g, o, b, ratio=3.0)
 
 
 # --- delegation to SDPA's CPU kernel ------------------------------------------------------------

@@ -166,9 +166,12 @@ def sdpa_backward_reasons(p: Problem, dlse: torch.Tensor | None, mask_grad: bool
     """Why SDPA's CPU backward op cannot differentiate `p` (empty when it can). It can where SDPA's
     CPU kernel served the forward (:func:`fastattn.eager.forward.sdpa_cpu_reasons`, after
     without_noop_causality, as cpu_fallback_attention decides), taking that forward's own out and
-    lse, so their rounding is consistent; it has no input for a gradient of lse and gives none for
-    the mask."""
+    lse, so their rounding is consistent, and its gradients are those of torch's own SDPA (on some
+    CPUs less accurate than the float32 reference: ``fastattn.configs.CPU_SDPA_BACKWARD``); it has
+    no input for a gradient of lse and gives none for the mask."""
     reasons = list(sdpa_cpu_reasons(without_noop_causality(p)))
+    if not configs.CPU_SDPA_BACKWARD:
+        reasons.append("fastattn.configs.CPU_SDPA_BACKWARD is off (fastattn's own backward asked for)")
     if not hasattr(torch.ops.aten, SDPA_BACKWARD_OP):
         reasons.append("this torch has no CPU flash-attention backward op")
     if mask_grad:

@@ -177,6 +177,15 @@ def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tu
     return [(slice(b, b + 1), slice(h, min(h + step, H))) for b in range(B) for h in range(0, H, step)]
 
 
+def wide_key_blocks(L: int, S: int, block_m: int, block_n: int) -> int:
+    """The key block of a tiled call with L query rows: `block_n`, widened when L < block_m so that
+    a tile still holds about block_m * block_n scores per head (decoding, L = 1 against a long
+    cache, would otherwise take S / block_n rounds of ops on a few hundred scores each)."""
+    if L >= block_m:
+        return block_n
+    return min(max(S, 1), max(block_n, block_m * block_n // max(L, 1)))
+
+
 def tiled_attention(
     p: Problem,
     block_m: int | None = None,
@@ -189,9 +198,9 @@ def tiled_attention(
     (each row's max score and the log of its sum of exponentials, apart; -inf and 0 for a row with
     no key; the layout of fused.forward.new_stats).
 
-    Query blocks of `block_m` rows meet key/value blocks of `block_n` positions; (batch, head)
-    pairs are taken a chunk at a time so that a score tile holds about `tile_elements` values
-    (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
+    Query blocks of `block_m` rows meet key/value blocks of `block_n` positions (wider where
+    L < block_m: :func:`wide_key_blocks`); (batch, head) pairs are taken a chunk at a time so that
+    a score tile holds about `tile_elements` values (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
     K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
     dtype, the output and O(L) row statistics; never an (L, S) matrix. Scores and row maxima are
     in natural units, exactly as the backward recomputes them (P = exp(S - max) / sum from the
@@ -206,6 +215,7 @@ def tiled_attention(
     tile_elements = tile_elements or tiles.tile_elements
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
+    block_n = wide_key_blocks(L, S, block_m, block_n)
     neg_inf = -math.inf
     cdt = _compute_dtype(p.dtype)
     dev = p.device
@@ -219,9 +229,10 @@ def tiled_attention(
     bm_max, bn_max = min(block_m, L), min(block_n, S)
     for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
-        # One score buffer for the chunk's tiles: a fresh (L3-sized) tensor per tile costs page
-        # faults and zeroing in the allocator (~13% of a product and its exp2, measured).
+        # One score buffer and one accumulator for the chunk's tiles: fresh (L3-sized) tensors per
+        # tile cost page faults and zeroing in the allocator (~13% of a product and its exp2).
         tile_buffer = torch.empty(nb * nh * G * bm_max * bn_max, dtype=cdt, device=dev)
+        acc_buffer = torch.empty(nb * nh * G * bm_max * Ev, dtype=cdt, device=dev)
         # The chunk's K and V, converted once (no copy for contiguous fp32) and laid out so that
         # its (batch, head) dims merge: the inner loop never converts or copies.
         k_c = p.k[bs, hs].to(cdt).contiguous()
@@ -238,9 +249,8 @@ def tiled_attention(
             # never visited: a sliding window costs L * window, not L * S.
             lo, hi = visible_keys(p.features, m0, m1, S)
             qb = scaled_queries(q5[bs, hs, :, m0:m1], scale, cdt).view(nb * nh, rows, E)
-            acc = torch.zeros(nb * nh, rows, Ev, dtype=cdt, device=dev)
-            m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
-            l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)
+            acc = acc_buffer[: nb * nh * rows * Ev].view(nb * nh, rows, Ev)
+            m_i = l_i = None  # the row max and sum so far: None before the first key block
             for n0 in range(lo, hi, block_n):
                 n1 = min(n0 + block_n, hi)
                 bn = n1 - n0
@@ -250,16 +260,27 @@ def tiled_attention(
                     s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1,
                     alibi=alibi_c, seqlens=(L, S), cache_band=True,
                 )  # fmt: skip
-                m_new = torch.maximum(m_i, s.amax(dim=-1))
+                m_new = s.amax(dim=-1) if m_i is None else torch.maximum(m_i, s.amax(dim=-1))
                 # Guard (-inf) - (-inf) for rows that have seen no key yet.
                 m_safe = m_new.masked_fill(m_new == neg_inf, 0.0)
                 exp_diff_(s, m_safe.unsqueeze(-1))
-                alpha = exp_diff_(m_i, m_safe)
-                l_i.mul_(alpha).add_(s.sum(dim=-1))
+                if m_i is None:  # the first block: the sums and the accumulator start here
+                    l_i = s.sum(dim=-1)
+                else:
+                    alpha = exp_diff_(m_i, m_safe)
+                    l_i.mul_(alpha).add_(s.sum(dim=-1))
                 if p.rng is not None:
                     s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1, s.dtype))
-                acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev))
+                v_b = v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev)
+                if m_i is None:
+                    torch.bmm(s, v_b, out=acc)
+                else:
+                    acc.mul_(alpha.unsqueeze(-1)).baddbmm_(s, v_b)
                 m_i = m_new
+            if m_i is None:  # no row of this block sees any key
+                acc.zero_()
+                m_i = torch.full((nb * nh, rows), neg_inf, dtype=cdt, device=dev)
+                l_i = torch.zeros(nb * nh, rows, dtype=cdt, device=dev)
             dead = l_i == 0
             acc.div_(l_i.masked_fill_(dead, 1.0).unsqueeze(-1))
             if p.rng is not None:
