@@ -106,12 +106,17 @@ def test_wide_key_blocks_for_few_query_rows():
     assert cpu_fallback.wide_key_blocks(2, 100, 4, 16) == 32
 
 
-@pytest.mark.parametrize("blocks", [(4, 16), (None, None)], ids=["b4x16", "default"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "blocks", [(4, 16, None), (None, None, None), (None, None, 4096)], ids=["b4x16", "default", "budget4k"]
+)
 @pytest.mark.parametrize("L", [1, 3])
-def test_tiled_decoding_with_wide_key_blocks(L, blocks):
+def test_tiled_decoding_with_wide_key_blocks(L, blocks, dtype):
     """A few query rows against many keys (widened key blocks: several of 32 or 48 keys, or one of
-    all 3000), E != Ev so that the tiled path serves it, GQA and a bool mask with holes."""
-    q, k, v = make_qkv(2, 4, 2, L, 3000, 32, Ev=16)
+    all 3000; bf16 K and V converted a block at a time, within the tile budget: 512-key blocks
+    with a 4096-score budget), E != Ev so that the tiled path serves it, GQA and a bool mask with
+    holes."""
+    q, k, v = make_qkv(2, 4, 2, L, 3000, 32, Ev=16, dtype=dtype)
     mask = torch.rand(2, 1, L, 3000) < 0.9
     kwargs = dict(attn_mask=mask, enable_gqa=True)
     p = canonicalize(q, k, v, **kwargs)

@@ -18,6 +18,7 @@ from .. import configs, dropout
 from ..problem import Problem
 from .forward import (
     _sdpa_part,
+    kv_blocks,
     sdpa_cpu_reasons,
     sdpa_mask,
     sdpa_mask_rows,
@@ -74,8 +75,9 @@ def tiled_attention_backward(
     the gradient of the float mask, summed over its broadcast dims (else dmask is None). Rows with
     no key to attend to (lse = -inf) get zero gradients. Query heads that share a KV head are
     stacked into one matrix product, so dK and dV sum over the group without repeating K or V.
-    The computation is in float32 (float64 for float64 inputs); bf16 / fp16 inputs are converted
-    once, whole (O(L) memory, like the float32 gradients). The block sizes default to
+    The computation is in float32 (float64 for float64 inputs); bf16 / fp16 queries and output
+    gradients are converted once, whole (O(L) memory, like the float32 dQ), keys and values a key
+    block at a time, and dK and dV are written a key block at a time in the inputs' dtype. The block sizes default to
     ``fastattn.configs.CPU_BACKWARD_TILES``.
     """
     block_m = block_m or configs.CPU_BACKWARD_TILES.block_m
@@ -88,8 +90,6 @@ def tiled_attention_backward(
     dev = p.device
     q5 = scaled_queries(p.q.reshape(B, Hkv, G, L, E), scale, cdt)  # scale * Q, as the forward's
     do5 = dout.reshape(B, Hkv, G, L, Ev).to(cdt)
-    k = p.k.to(cdt).reshape(BH, S, E)
-    v = p.v.to(cdt).reshape(BH, S, Ev)
     lse5 = lse.reshape(B, Hkv, G, L, 1).to(cdt)
     dead = torch.isneginf(lse5)
     delta5 = (do5 * out.reshape(B, Hkv, G, L, Ev).to(cdt)).sum(-1, keepdim=True)
@@ -108,18 +108,24 @@ def tiled_attention_backward(
     seqlens = (L, S)
 
     dq = torch.zeros(B, Hkv, G, L, E, dtype=cdt, device=dev)
-    dk = torch.empty(BH, S, E, dtype=cdt, device=dev)
-    dv = torch.empty(BH, S, Ev, dtype=cdt, device=dev)
-    # Buffers reused by every tile (fresh tensors per tile cost page faults in the allocator).
+    dk = torch.empty(BH, S, E, dtype=p.dtype, device=dev)  # each key block's share, written once
+    dv = torch.empty(BH, S, Ev, dtype=p.dtype, device=dev)
+    # Buffers reused by every tile (fresh tensors per tile cost page faults in the allocator); K
+    # and V are converted a key block at a time (kv_blocks), each block once.
     tile_rows, tile_cols = G * min(block_m, L), min(block_n, S)
     s_buffer, ds_buffer = (torch.empty(BH * tile_rows * tile_cols, dtype=cdt, device=dev) for _ in range(2))
     dq_buffer = torch.empty(BH * tile_rows * E, dtype=cdt, device=dev)
+    everything = slice(0, None)
+    k_blocks = kv_blocks(p.k, everything, everything, cdt, torch.empty(BH * tile_cols * E, dtype=cdt, device=dev))
+    v_blocks = kv_blocks(p.v, everything, everything, cdt, torch.empty(BH * tile_cols * Ev, dtype=cdt, device=dev))
+    dk_buffer = torch.empty(BH * tile_cols * E, dtype=cdt, device=dev)
+    dv_buffer = torch.empty(BH * tile_cols * Ev, dtype=cdt, device=dev)
     for n0 in range(0, S, block_n):
         n1 = min(n0 + block_n, S)
         bn = n1 - n0
-        kb, vb = k[:, n0:n1], v[:, n0:n1]
-        dk_acc = torch.zeros(BH, bn, E, dtype=cdt, device=dev)
-        dv_acc = torch.zeros(BH, bn, Ev, dtype=cdt, device=dev)
+        kb, vb = k_blocks(n0, n1), v_blocks(n0, n1)
+        dk_acc = dk_buffer[: BH * bn * E].view(BH, bn, E).zero_()
+        dv_acc = dv_buffer[: BH * bn * Ev].view(BH, bn, Ev).zero_()
         # Query rows that see none of this block's keys (above its causal diagonal, below its
         # window) are skipped.
         first_row, last_row = visible_rows(p.features, n0, n1, L)
@@ -155,7 +161,7 @@ def tiled_attention_backward(
         dk[:, n0:n1] = dk_acc
         dv[:, n0:n1] = dv_acc
     dq.mul_(scale)
-    grads = dq.view(B, Hq, L, E).to(p.dtype), dk.view(B, Hkv, S, E).to(p.dtype), dv.view(B, Hkv, S, Ev).to(p.dtype)
+    grads = dq.view(B, Hq, L, E).to(p.dtype), dk.view(B, Hkv, S, E), dv.view(B, Hkv, S, Ev)
     return (*grads, dmask.to(p.mask.dtype) if dmask is not None else None)
 
 

@@ -177,6 +177,24 @@ def _chunks(B: int, H: int, rows: int, cols: int, tile_elements: int) -> list[tu
     return [(slice(b, b + 1), slice(h, min(h + step, H))) for b in range(B) for h in range(0, H, step)]
 
 
+def kv_blocks(t: torch.Tensor, bs: slice, hs: slice, dtype: torch.dtype, buffer: torch.Tensor):
+    """A function (n0, n1) -> positions [n0, n1) of the (batch, head) chunk (bs, hs) of K or V
+    (B, Hkv, S, D), as (nb * nh, n1 - n0, D) in `dtype`: a view where the chunk already is
+    contiguous in `dtype`, else a conversion into `buffer` (reused by every block). A whole long
+    K converted into fresh memory costs page faults: bf16 to float32 of (8, 8, 32768, 64) took
+    243 ms fresh, 34 ms into memory in use, 17 ms a 512-key block at a time (measured)."""
+    chunk = t[bs, hs]
+    nb, nh, _, D = chunk.shape
+    if chunk.dtype == dtype and chunk.is_contiguous():
+        return lambda n0, n1: chunk[:, :, n0:n1].reshape(nb * nh, n1 - n0, D)
+
+    def convert(n0: int, n1: int) -> torch.Tensor:
+        block = buffer[: nb * nh * (n1 - n0) * D].view(nb, nh, n1 - n0, D)
+        return block.copy_(chunk[:, :, n0:n1]).view(nb * nh, n1 - n0, D)
+
+    return convert
+
+
 def wide_key_blocks(L: int, S: int, block_m: int, block_n: int) -> int:
     """The key block of a tiled call with L query rows: `block_n`, widened when L < block_m so that
     a tile still holds about block_m * block_n scores per head (decoding, L = 1 against a long
@@ -201,9 +219,9 @@ def tiled_attention(
     Query blocks of `block_m` rows meet key/value blocks of `block_n` positions (wider where
     L < block_m: :func:`wide_key_blocks`); (batch, head) pairs are taken a chunk at a time so that
     a score tile holds about `tile_elements` values (it stays in cache). Query heads that share a KV head are stacked into one matrix product, so
-    K and V are not repeated. Extra memory: the score tile, one chunk's K and V in the compute
-    dtype, the output and O(L) row statistics; never an (L, S) matrix. Scores and row maxima are
-    in natural units, exactly as the backward recomputes them (P = exp(S - max) / sum from the
+    K and V are not repeated. Extra memory: the score tile, a block of K and V in the compute
+    dtype (none for contiguous float32), the output and O(L) row statistics; never an (L, S)
+    matrix. Scores and row maxima are in natural units, exactly as the backward recomputes them (P = exp(S - max) / sum from the
     statistics); each exponential is exp2 of a difference to the row max times log2(e)
     (:func:`fastattn.eager.scores.exp_diff_`). The block sizes default to
     ``fastattn.configs.CPU_FORWARD_TILES``. Dropout (p.rng) zeroes the dropped exponentials of
@@ -215,7 +233,11 @@ def tiled_attention(
     tile_elements = tile_elements or tiles.tile_elements
     B, Hq, L, E = p.q.shape
     Hkv, S, Ev, G = p.heads_kv, p.seqlen_k, p.head_dim_v, p.group
-    block_n = wide_key_blocks(L, S, block_m, block_n)
+    converts = not all(t.dtype == _compute_dtype(p.dtype) and t.is_contiguous() for t in (p.k, p.v))
+    wide = wide_key_blocks(L, S, block_m, block_n)
+    # Converted K and V blocks (kv_blocks) stay within a tile's budget: a wide block of a long
+    # bf16 K would be a large conversion into fresh memory again.
+    block_n = min(wide, max(block_n, tile_elements // (Hkv * max(E, Ev)))) if converts else wide
     neg_inf = -math.inf
     cdt = _compute_dtype(p.dtype)
     dev = p.device
@@ -227,16 +249,19 @@ def tiled_attention(
     mask5 = grouped_mask(p)
     alibi5 = grouped_alibi(p)
     bm_max, bn_max = min(block_m, L), min(block_n, S)
-    for bs, hs in _chunks(B, Hkv, G * bm_max, bn_max, tile_elements):
+    chunks = _chunks(B, Hkv, G * bm_max, bn_max, tile_elements)
+    # One score buffer, one accumulator and K and V block buffers for every tile (the first chunk
+    # is the largest): fresh (L3-sized) tensors per tile cost page faults and zeroing in the
+    # allocator (~13% of a product and its exp2).
+    most = max((bs.stop - bs.start) * (hs.stop - hs.start) for bs, hs in chunks)
+    tile_buffer = torch.empty(most * G * bm_max * bn_max, dtype=cdt, device=dev)
+    acc_buffer = torch.empty(most * G * bm_max * Ev, dtype=cdt, device=dev)
+    k_buffer = torch.empty(most * bn_max * E, dtype=cdt, device=dev)
+    v_buffer = torch.empty(most * bn_max * Ev, dtype=cdt, device=dev)
+    for bs, hs in chunks:
         nb, nh = bs.stop - bs.start, hs.stop - hs.start
-        # One score buffer and one accumulator for the chunk's tiles: fresh (L3-sized) tensors per
-        # tile cost page faults and zeroing in the allocator (~13% of a product and its exp2).
-        tile_buffer = torch.empty(nb * nh * G * bm_max * bn_max, dtype=cdt, device=dev)
-        acc_buffer = torch.empty(nb * nh * G * bm_max * Ev, dtype=cdt, device=dev)
-        # The chunk's K and V, converted once (no copy for contiguous fp32) and laid out so that
-        # its (batch, head) dims merge: the inner loop never converts or copies.
-        k_c = p.k[bs, hs].to(cdt).contiguous()
-        v_c = p.v[bs, hs].to(cdt).contiguous()
+        k_blocks = kv_blocks(p.k, bs, hs, cdt, k_buffer)
+        v_blocks = kv_blocks(p.v, bs, hs, cdt, v_buffer)
         mask_c = None
         if mask5 is not None:
             mask_c = mask5[bs if mask5.shape[0] > 1 else slice(None), hs if mask5.shape[1] > 1 else slice(None)]
@@ -255,7 +280,7 @@ def tiled_attention(
                 n1 = min(n0 + block_n, hi)
                 bn = n1 - n0
                 s = tile_buffer[: nb * nh * rows * bn].view(nb * nh, rows, bn)
-                torch.bmm(qb, k_c[:, :, n0:n1].reshape(nb * nh, bn, E).transpose(1, 2), out=s)
+                torch.bmm(qb, k_blocks(n0, n1).transpose(1, 2), out=s)
                 score_mods_(
                     s.view(nb, nh, G, bm, bn), p.features, mask_c, m0, m1, n0, n1,
                     alibi=alibi_c, seqlens=(L, S), cache_band=True,
@@ -271,7 +296,7 @@ def tiled_attention(
                     l_i.mul_(alpha).add_(s.sum(dim=-1))
                 if p.rng is not None:
                     s.view(nb, nh, G, bm, bn).mul_(dropout.grouped_keep(p, bs, hs, m0, m1, n0, n1, s.dtype))
-                v_b = v_c[:, :, n0:n1].reshape(nb * nh, bn, Ev)
+                v_b = v_blocks(n0, n1)
                 if m_i is None:
                     torch.bmm(s, v_b, out=acc)
                 else:
