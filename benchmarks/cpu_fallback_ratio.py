@@ -51,6 +51,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "fastattn": fastattn.__version__,
         "python": platform.python_version(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),  # how OpenMP's idle threads wait (spin or sleep)
     }
 
 

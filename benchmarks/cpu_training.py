@@ -19,6 +19,7 @@ as many threads as cores), the way a CI machine or a laptop shares them.
     python benchmarks/cpu_training.py --quick   # a few shapes, short timings
     python benchmarks/cpu_training.py --long    # also L = S = 4096 (B*H = 16)
     python benchmarks/cpu_training.py --quick --load
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/cpu_training.py --quick [--load] --name cpu_training_quick[_load]_passive
     python benchmarks/cpu_training.py --readme README.md   # the README's table, from the saved results
 """
 
@@ -132,6 +133,7 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
         f"`{command}`: {env['date']}, {env['cpu']}, {env['cores']} cores, "
         f"{env['threads']} threads, load average {env['load_average']} at the end"
         + (" (another process kept every core busy)" if env.get("loaded") else "")
+        + (f", OMP_WAIT_POLICY={env['omp_wait_policy']}" if env.get("omp_wait_policy") else "")
         + f", torch {env['torch']}, fastattn {env['fastattn']}.",
         "",
         "Ratios are time / SDPA's time on the same shape (< 1: faster). fwd, bwd, fwd+bwd: "
@@ -160,10 +162,20 @@ def _geomean_row(label: str, rows: list[dict]) -> str:
     return f"| {label} | {len(rows)} | " + " | ".join(f"{m:.2f}" for m in means) + " |"
 
 
-def readme_section(full: dict, quiet: dict | None, loaded: dict | None) -> str:
+def _shared_over_quiet(quiet: dict, loaded: dict) -> str:
+    shared = [
+        statistics.geometric_mean(r[k] for r in loaded["rows"]) / statistics.geometric_mean(r[k] for r in quiet["rows"])
+        for k, _ in COLUMNS
+    ]
+    return "| shared / quiet | | " + " | ".join(f"{x:.2f}" for x in shared) + " |"
+
+
+def readme_section(
+    full: dict, quiet: dict | None, loaded: dict | None, passive: tuple[dict, dict] | None = None
+) -> str:
     """The README's CPU table from saved results (the .json files save_results wrote): geometric
     means of each ratio per dtype and length over the full run's shapes, and the quick run's means
-    quiet and with the cores shared."""
+    quiet and with the cores shared (passive: the same two runs with OMP_WAIT_POLICY=PASSIVE)."""
     env, rows = full["environment"], full["rows"]
     head = "| shapes | n | " + " | ".join(t for _, t in COLUMNS) + " |"
     rule = "|---|---:|" + "---:|" * len(COLUMNS)
@@ -198,19 +210,29 @@ def readme_section(full: dict, quiet: dict | None, loaded: dict | None) -> str:
             "",
             "With the cores shared (`--quick --load`: another process runs a matmul loop on every core; load "
             f"average {loaded['environment']['load_average'][0]:.1f} against {quiet['environment']['load_average'][0]:.1f} "
-            "quiet), the same quick shapes:",
+            f"quiet), the same quick shapes, measured {quiet['environment']['date']} on {quiet['environment']['cpu']}:",
             "",
             head,
             rule,
             _geomean_row("quiet", quiet["rows"]),
             _geomean_row("cores shared", loaded["rows"]),
         ]
-        shared = [
-            statistics.geometric_mean(r[k] for r in loaded["rows"])
-            / statistics.geometric_mean(r[k] for r in quiet["rows"])
-            for k, _ in COLUMNS
+        lines.append(_shared_over_quiet(quiet, loaded))
+    if quiet and loaded and passive:
+        quiet_p, loaded_p = passive
+        lines += [
+            "",
+            "The same two runs with `OMP_WAIT_POLICY=PASSIVE` in the environment (OpenMP's idle threads sleep "
+            "instead of spinning; load average "
+            f"{loaded_p['environment']['load_average'][0]:.1f} against {quiet_p['environment']['load_average'][0]:.1f}, "
+            f"measured {quiet_p['environment']['date']}):",
+            "",
+            head,
+            rule,
+            _geomean_row("quiet, passive", quiet_p["rows"]),
+            _geomean_row("cores shared, passive", loaded_p["rows"]),
+            _shared_over_quiet(quiet_p, loaded_p),
         ]
-        lines.append("| shared / quiet | | " + " | ".join(f"{x:.2f}" for x in shared) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -244,12 +266,19 @@ def main() -> None:
     parser.add_argument("--load", action="store_true", help="with another process keeping every core busy")
     parser.add_argument("--name", help="results file name (default: cpu_training[_quick][_load])")
     parser.add_argument("--readme", type=Path, help="measure nothing: rewrite this file's cpu-ratios block from "
-                        "the saved cpu_training, cpu_training_quick and cpu_training_quick_load results")  # fmt: skip
+                        "the saved cpu_training, cpu_training_quick and cpu_training_quick_load results (and the "
+                        "_passive quick pair where saved)")  # fmt: skip
     args = parser.parse_args()
     if args.readme:
-        saved = {n: RESULTS / f"{n}.json" for n in ("cpu_training", "cpu_training_quick", "cpu_training_quick_load")}
+        names = ("cpu_training", "cpu_training_quick", "cpu_training_quick_load")
+        names += ("cpu_training_quick_passive", "cpu_training_quick_load_passive")
+        saved = {n: RESULTS / f"{n}.json" for n in names}
         data = {n: json.loads(p.read_text()) if p.exists() else None for n, p in saved.items()}
-        section = readme_section(data["cpu_training"], data["cpu_training_quick"], data["cpu_training_quick_load"])
+        passive = data["cpu_training_quick_passive"], data["cpu_training_quick_load_passive"]
+        section = readme_section(
+            data["cpu_training"], data["cpu_training_quick"], data["cpu_training_quick_load"],
+            passive if all(passive) else None,
+        )  # fmt: skip
         args.readme.write_text(replace_section(args.readme.read_text(), section, README_BEGIN, README_END))
         return
     rounds, min_run_time = (3, 0.1) if args.quick else (4, 0.15)
